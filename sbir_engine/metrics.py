@@ -1,0 +1,119 @@
+"""Classification and retrieval metrics, and the plots a run folder keeps. Pure numpy + matplotlib."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def top_k_accuracy(probabilities: np.ndarray, labels: np.ndarray, k: int) -> float:
+    if len(labels) == 0:
+        return float("nan")
+    top = np.argsort(-probabilities, axis=1)[:, :k]
+    return float(np.mean(np.any(top == np.asarray(labels)[:, None], axis=1)))
+
+
+def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(labels), np.asarray(predicted)), 1)
+    return matrix
+
+
+def average_precision(relevant_in_rank_order: np.ndarray) -> float:
+    """AP of one ranking over the whole gallery: the mean of P@k over the ranks k of the relevant items.
+
+    This is the non-interpolated AP of TREC (and of most SBIR papers' mAP@all); a query with no
+    relevant item in the gallery has AP 0.
+    """
+    relevant = np.asarray(relevant_in_rank_order, dtype=bool)
+    total = relevant.sum()
+    if total == 0:
+        return 0.0
+    hits = np.cumsum(relevant)
+    ranks = np.flatnonzero(relevant) + 1
+    return float(np.mean(hits[relevant] / ranks))
+
+
+def retrieval_metrics(
+    scores: np.ndarray, query_labels: Sequence[str], gallery_labels: Sequence[str], cutoffs=(10, 100)
+) -> dict:
+    """mAP@all and P@k of each query's full ranking of the gallery (higher score = nearer).
+
+    Returns overall numbers, per-class numbers (by query class) and the per-query APs.
+    """
+    gallery = np.asarray(gallery_labels)
+    queries = np.asarray(query_labels)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    relevant = gallery[order] == queries[:, None]
+    ap = np.array([average_precision(row) for row in relevant])
+    precision = {k: relevant[:, :k].mean(axis=1) for k in cutoffs}
+    result = {"queries": int(len(queries)), "gallery": int(len(gallery)), "mAP@all": float(ap.mean())}
+    result.update({f"P@{k}": float(p.mean()) for k, p in precision.items()})
+    per_class = {}
+    for label in sorted(set(queries.tolist())):
+        mask = queries == label
+        per_class[label] = {"mAP@all": float(ap[mask].mean())}
+        per_class[label].update({f"P@{k}": float(p[mask].mean()) for k, p in precision.items()})
+    result["per_class"] = per_class
+    result["ap"] = ap.tolist()
+    return result
+
+
+def hub_share(scores: np.ndarray, query_labels: Sequence[str], gallery_labels: Sequence[str], k: int = 10):
+    """For each query class, the largest share of its top-k taken by photos of one *other* class."""
+    gallery = np.asarray(gallery_labels)
+    queries = np.asarray(query_labels)
+    top = gallery[np.argsort(-scores, axis=1, kind="stable")[:, :k]]
+    worst = {}
+    for label in sorted(set(queries.tolist())):
+        neighbours = top[queries == label].ravel()
+        others = neighbours[neighbours != label]
+        if len(others) == 0:
+            worst[label] = ("-", 0.0)
+            continue
+        names, counts = np.unique(others, return_counts=True)
+        worst[label] = (str(names[counts.argmax()]), float(counts.max() / len(neighbours)))
+    return worst
+
+
+def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1 + 0.55 * len(classes), 1 + 0.5 * len(classes)))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for (i, j), value in np.ndenumerate(matrix):
+        if value:
+            colour = "white" if value > matrix.max() / 2 else "black"
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=7, color=colour)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_history(history: dict[str, list[float]], path: Path) -> None:
+    """Loss and accuracy, train and validation, side by side like the original report's figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        ax.plot(history.get(metric, []), label=f"train {metric}")
+        ax.plot(history.get(f"val_{metric}", []), label=f"val {metric}")
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

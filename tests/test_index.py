@@ -1,0 +1,128 @@
+"""The gallery index and the engine on a small real gallery: build, query, reload, refuse."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from sbir_engine.build import build_index, file_sha256
+from sbir_engine.cli import app
+from sbir_engine.engine import ModelMismatchError, SketchEngine
+from sbir_engine.images import render_strokes
+from sbir_engine.index import GalleryIndex, IndexFormatError, current_version
+from sbir_engine.model import load_model
+
+
+@pytest.fixture(scope="module")
+def engine(small_index) -> SketchEngine:
+    return SketchEngine.load(small_index)
+
+
+@pytest.fixture(scope="module")
+def umbrella_canvases(shared_data):
+    """Recognised real umbrella drawings, drawn as a browser canvas would (RGBA, 6 px pen)."""
+    lines = (shared_data / "quickdraw-strokes" / "umbrella.ndjson").read_text().splitlines()
+    drawings = [json.loads(line) for line in lines]
+    return [render_strokes(d["drawing"], 400, 6, rgba=True) for d in drawings if d["recognized"]][:5]
+
+
+def test_index_holds_the_gallery(engine, small_gallery):
+    files = sorted(p for p in small_gallery.rglob("*") if p.is_file())
+    index = engine.index
+    assert len(index) == len(files) == len(index.entries)
+    entry = next(iter(index.entries.values()))
+    assert entry.sha256 == file_sha256(small_gallery / entry.path)
+    assert entry.label == entry.path.split("/")[0]
+    assert index.meta["factory"] == "Flat" and index.meta["dim"] == 512
+
+
+def test_query_returns_label_probabilities_and_k_neighbours(engine, umbrella_canvases):
+    results = [engine.query(canvas, k=7) for canvas in umbrella_canvases]
+    assert sum(r.label == "umbrella" for r in results) >= 4
+    result = results[0]
+    assert set(result.probabilities) == set(engine.classes)
+    assert sum(result.probabilities.values()) == pytest.approx(1.0, abs=1e-4)
+    assert len(result.neighbours) == 7
+    scores = [n.score for n in result.neighbours]
+    assert scores == sorted(scores, reverse=True) and -1.0 <= scores[-1] <= scores[0] <= 1.0 + 1e-5
+    assert engine.resolve(result.neighbours[0]).is_file()
+    # A clear umbrella finds umbrellas.
+    assert sum(n.label == "umbrella" for n in result.neighbours) >= 4
+
+
+def test_same_class_and_label_filters(engine, umbrella_canvases):
+    result = engine.query(umbrella_canvases[0], k=5, same_class=True)
+    assert {n.label for n in result.neighbours} == {result.label}
+    only_fish = engine.query(umbrella_canvases[0], k=5, labels=["fish", "cup"])
+    assert len(only_fish.neighbours) == 5 and {n.label for n in only_fish.neighbours} <= {"fish", "cup"}
+
+
+def test_search_api_matches_exact_cosine(engine):
+    vectors = engine.index.vectors[:3]
+    neighbours = engine.search(vectors, k=4)
+    exact = vectors @ engine.index.vectors.T
+    for row, found in zip(exact, neighbours, strict=True):
+        assert found[0].score == pytest.approx(row.max(), abs=1e-5)
+        assert [n.score for n in found] == pytest.approx(sorted(row, reverse=True)[:4], abs=1e-5)
+
+
+def test_ids_are_stable_across_save_load_and_rebuild(small_run, small_gallery, small_index, tmp_path):
+    copy = tmp_path / "index"
+    shutil.copytree(small_index, copy)
+    before = GalleryIndex.load(copy)
+    report = build_index(small_run, small_gallery, copy)  # nothing changed: nothing embedded
+    assert (report.embedded, report.unchanged, report.added, report.removed) == (0, len(before), 0, 0)
+    after = GalleryIndex.load(copy)
+    assert {e.path: e.id for e in before.entries.values()} == {e.path: e.id for e in after.entries.values()}
+    query = before.vectors[:5]
+    np.testing.assert_array_equal(before.search(query, 10)[1], after.search(query, 10)[1])
+    assert current_version(copy).name != current_version(small_index).name
+
+
+def test_a_different_model_is_refused(small_run, small_index, tmp_path):
+    other = tmp_path / "other-run"
+    shutil.copytree(small_run, other)
+    model = load_model(other)
+    bias = model.classifier.get_layer("embedding").bias
+    bias.assign(bias.numpy() + 0.01)
+    model.save(other)
+    with pytest.raises(ModelMismatchError, match="not the one that built the index"):
+        SketchEngine.load(small_index, model_dir=other)
+
+
+def test_damaged_or_newer_indexes_are_refused(small_index, tmp_path):
+    copy = tmp_path / "index"
+    shutil.copytree(small_index, copy)
+    version = current_version(copy)
+    lines = (version / "manifest.jsonl").read_text().splitlines()
+    (version / "manifest.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(IndexFormatError, match="manifest does not match the index"):
+        GalleryIndex.load(copy)
+    (version / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    meta = json.loads((version / "index.json").read_text())
+    (version / "index.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(IndexFormatError, match="newer than this sbir-engine reads"):
+        GalleryIndex.load(copy)
+    (version / "index.json").write_text(json.dumps({**meta, "dim": 256}))
+    with pytest.raises(IndexFormatError, match="dimension mismatch"):
+        GalleryIndex.load(copy)
+    with pytest.raises(IndexFormatError, match="no such index folder"):
+        GalleryIndex.load(tmp_path / "nowhere")
+
+
+def test_cli_query_json_and_index_info(small_index, umbrella_canvases, tmp_path):
+    sketch = tmp_path / "umbrella.png"
+    umbrella_canvases[1].save(sketch)
+    runner = CliRunner()
+    result = runner.invoke(app, ["query", str(sketch), "--index", str(small_index), "-k", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(answer) == {"label", "probabilities", "neighbours"}
+    assert len(answer["neighbours"]) == 3
+    assert set(answer["neighbours"][0]) == {"id", "path", "label", "score"}
+    info = runner.invoke(app, ["index", "info", "--index", str(small_index)])
+    assert info.exit_code == 0 and "Flat" in info.stdout
+    bad = runner.invoke(app, ["query", str(tmp_path / "missing.png"), "--index", str(small_index)])
+    assert bad.exit_code == 1 and "missing.png" in bad.output
