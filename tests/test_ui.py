@@ -1,0 +1,244 @@
+"""The Streamlit page under streamlit.testing.v1.AppTest: error panels, hints and rendered results.
+
+AppTest runs ui/app.py in this process (the canvas component renders as an empty drawing), so
+queries go through the upload box, with real QuickDraw bitmaps and the session's small real index.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import math
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "ui" / "app.py"
+TIMEOUT = 180  # the first run imports TensorFlow and loads the model
+CAPTION = re.compile(r"^(?P<label>\S+) · (?P<score>-?\d+\.\d{3})$")
+PREDICTED = re.compile(r"^Predicted class: \*\*(?P<label>\S+)\*\*$")
+
+
+def load_app_module():
+    spec = importlib.util.spec_from_file_location("sbir_ui_app", APP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def page(monkeypatch, index_dir: Path | None = None, env_index: Path | None = None) -> AppTest:
+    """Run the page once, as `streamlit run ui/app.py -- --index INDEX` (or with the env variable)."""
+    monkeypatch.setattr(sys, "argv", [str(APP)] + (["--index", str(index_dir)] if index_dir else []))
+    if env_index is not None:
+        monkeypatch.setenv("SBIR_ENGINE_INDEX", str(env_index))
+    else:
+        monkeypatch.delenv("SBIR_ENGINE_INDEX", raising=False)
+    return AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+
+
+def upload(at: AppTest, name: str, data: bytes, mime: str = "image/png") -> AppTest:
+    at.file_uploader(key="upload").set_value((name, data, mime))
+    return at.run()
+
+
+def sketch_bytes(small_dataset: Path, label: str = "cat") -> bytes:
+    """A real QuickDraw bitmap of the held-out split, as PNG bytes."""
+    return sorted((small_dataset / "sketch" / "test" / label).iterdir())[0].read_bytes()
+
+
+def predicted_label(at: AppTest) -> str:
+    labels = [m.group("label") for m in (PREDICTED.match(md.value) for md in at.markdown) if m]
+    assert len(labels) == 1, [md.value for md in at.markdown]
+    return labels[0]
+
+
+def result_captions(at: AppTest) -> list[str]:
+    return [caption for image in at.image for caption in image.captions]
+
+
+def assert_no_results(at: AppTest) -> None:
+    assert not at.exception
+    assert not at.image
+    assert not [md for md in at.markdown if md.value.startswith("Predicted class")]
+
+
+# -- index errors ------------------------------------------------------------------------------------
+
+
+def test_missing_index_shows_one_error_panel(monkeypatch, tmp_path):
+    at = page(monkeypatch, env_index=tmp_path / "no-such-index")
+    assert not at.exception
+    assert at.title[0].value == "Sketch Based Image Retrieval"
+    assert len(at.error) == 1
+    assert "no such index folder" in at.error[0].value and "\n" not in at.error[0].value
+    assert not at.file_uploader  # nothing to query against
+    assert_no_results(at)
+
+
+def test_folder_that_is_not_an_index_shows_error_panel(monkeypatch, tmp_path):
+    at = page(monkeypatch, index_dir=tmp_path)
+    assert not at.exception
+    assert len(at.error) == 1
+    assert "is not an sbir-engine index" in at.error[0].value
+
+
+def _copy_index(small_index: Path, tmp_path: Path, **meta_changes) -> Path:
+    copy = tmp_path / "index"
+    shutil.copytree(small_index, copy)
+    version = copy / (copy / "CURRENT").read_text().strip()
+    meta = json.loads((version / "index.json").read_text())
+    for key, value in meta_changes.items():
+        if key == "fingerprint":
+            meta["model"]["fingerprint"] = value
+        else:
+            meta[key] = value
+    (version / "index.json").write_text(json.dumps(meta))
+    return copy
+
+
+def test_index_of_another_model_shows_mismatch_panel(monkeypatch, tmp_path, small_index):
+    at = page(monkeypatch, index_dir=_copy_index(small_index, tmp_path, fingerprint="0123456789abcdef"))
+    assert not at.exception
+    assert len(at.error) == 1
+    assert at.error[0].value.startswith("Model and index do not match:")
+    assert "0123456789abcdef" in at.error[0].value and "\n" not in at.error[0].value
+
+
+def test_index_in_a_newer_format_shows_error_panel(monkeypatch, tmp_path, small_index):
+    at = page(monkeypatch, index_dir=_copy_index(small_index, tmp_path, format_version=10_000))
+    assert not at.exception
+    assert len(at.error) == 1
+    assert "newer than this sbir-engine reads" in at.error[0].value
+
+
+# -- the page with a real index ----------------------------------------------------------------------
+
+
+def test_empty_page_shows_hint_and_controls(monkeypatch, small_index, small_config):
+    at = page(monkeypatch, index_dir=small_index)
+    assert not at.exception and not at.error
+    assert any(info.value.startswith("Draw a sketch on the canvas or upload") for info in at.info)
+    assert at.slider(key="k").value == 10
+    assert (at.slider(key="k").min, at.slider(key="k").max) == (1, 50)
+    assert at.toggle(key="same_class").value is False
+    assert at.file_uploader(key="upload") is not None
+    assert any(", ".join(small_config.classes) in caption.value for caption in at.sidebar.caption)
+    assert_no_results(at)
+
+
+def test_uploaded_sketch_shows_class_chart_time_and_k_images(
+    monkeypatch, small_index, small_dataset, small_config
+):
+    at = upload(page(monkeypatch, index_dir=small_index), "cat.png", sketch_bytes(small_dataset))
+    assert not at.exception and not at.error
+    label = predicted_label(at)
+    assert label in small_config.classes
+    assert any(re.fullmatch(r"Probability: \*\*\d+\.\d%\*\*", md.value) for md in at.markdown)
+    assert any(re.fullmatch(r"Query time: \d+ ms", caption.value) for caption in at.caption)
+    assert len(at.get("vega_lite_chart")) == 1  # the top-5 probabilities
+
+    captions = result_captions(at)
+    assert len(at.image) == len(captions) == 10
+    parsed = [CAPTION.match(caption) for caption in captions]
+    assert all(parsed), captions
+    assert {m.group("label") for m in parsed} <= set(small_config.classes)
+    scores = [float(m.group("score")) for m in parsed]
+    assert scores == sorted(scores, reverse=True)
+    assert all(-1.0 <= s <= 1.0 + 1e-3 for s in scores)
+
+
+def test_k_and_only_the_predicted_class(monkeypatch, small_index, small_dataset):
+    at = upload(page(monkeypatch, index_dir=small_index), "fish.png", sketch_bytes(small_dataset, "fish"))
+    label = predicted_label(at)
+    at.slider(key="k").set_value(3)
+    at.toggle(key="same_class").set_value(True)
+    at.run()
+    assert not at.exception and not at.error
+    assert predicted_label(at) == label
+    captions = result_captions(at)
+    assert len(captions) == 3
+    assert all(CAPTION.match(caption).group("label") == label for caption in captions), captions
+
+
+def test_unreadable_upload_shows_one_line_error(monkeypatch, small_index):
+    at = upload(page(monkeypatch, index_dir=small_index), "notes.png", b"these are notes, not a picture\n")
+    assert len(at.error) == 1
+    assert at.error[0].value == "Cannot use the uploaded file notes.png: not a recognised image format"
+    assert_no_results(at)
+
+
+def test_image_over_the_pixel_limit_shows_error(monkeypatch, small_index, small_config):
+    side = math.isqrt(small_config.max_pixels) + 1
+    buffer = io.BytesIO()
+    Image.new("1", (side, side), 1).save(buffer, format="PNG")  # white, 1 bit: a few kB on disk
+    assert len(buffer.getvalue()) < small_config.max_upload_bytes
+    at = upload(page(monkeypatch, index_dir=small_index), "huge.png", buffer.getvalue())
+    assert len(at.error) == 1
+    assert "huge.png" in at.error[0].value
+    assert f"over the limit of {small_config.max_pixels:,} pixels" in at.error[0].value
+    assert_no_results(at)
+
+
+def test_blank_upload_gets_the_hint_not_a_prediction(monkeypatch, small_index):
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(buffer, format="PNG")
+    at = upload(page(monkeypatch, index_dir=small_index), "blank.png", buffer.getvalue())
+    assert not at.error
+    assert any(info.value.startswith("Draw a sketch on the canvas or upload") for info in at.info)
+    assert_no_results(at)
+
+
+# -- pieces of the page without an index -------------------------------------------------------------
+
+
+def test_index_dir_comes_from_args_then_env_then_default(monkeypatch, tmp_path):
+    app = load_app_module()
+    monkeypatch.setenv("SBIR_ENGINE_INDEX", str(tmp_path / "env"))
+    assert app.index_dir_from_args(["--index", str(tmp_path / "arg")]) == tmp_path / "arg"
+    assert app.index_dir_from_args(["--unrelated", "x"]) == tmp_path / "env"
+    monkeypatch.delenv("SBIR_ENGINE_INDEX")
+    from sbir_engine.config import EngineConfig
+
+    assert app.index_dir_from_args([]) == EngineConfig().index_dir
+
+
+def test_top_classes_are_the_five_most_probable():
+    app = load_app_module()
+    probabilities = {"a": 0.05, "b": 0.4, "c": 0.1, "d": 0.2, "e": 0.15, "f": 0.06, "g": 0.04}
+    assert app.top_classes(probabilities) == [("b", 0.4), ("d", 0.2), ("e", 0.15), ("c", 0.1), ("f", 0.06)]
+
+
+def _render(app_path: str, gallery: str, k: int) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    from sbir_engine.engine import Neighbour, QueryResult
+
+    spec = importlib.util.spec_from_file_location("sbir_ui_app", app_path)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    result = QueryResult(
+        label="cat",
+        probabilities={"cat": 0.7, "fish": 0.2, "cup": 0.1},
+        neighbours=[Neighbour(3, "cat/a.png", "cat", 0.9123), Neighbour(8, "cat/gone.png", None, 0.5)],
+        timings_ms={"total": 12.4},
+    )
+    app.render_result(result, lambda n: Path(gallery) / n.path, k)
+
+
+def test_render_result_marks_missing_files_and_short_lists(tmp_path):
+    (tmp_path / "cat").mkdir()
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "cat" / "a.png")
+    at = AppTest.from_function(_render, args=(str(APP), str(tmp_path), 10), default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert [md.value for md in at.markdown][:2] == ["Predicted class: **cat**", "Probability: **70.0%**"]
+    assert "Query time: 12 ms" in [c.value for c in at.caption]
+    assert "2 of 10 results: the index holds no more that match." in [c.value for c in at.caption]
+    assert result_captions(at) == ["cat · 0.912"]
+    assert len(at.warning) == 1 and "— · 0.500: gallery file cat/gone.png is missing" in at.warning[0].value

@@ -1,0 +1,230 @@
+"""Streamlit page: draw or upload a sketch, see its class and the nearest gallery images.
+
+Started by ``sbir-engine ui --index INDEX_DIR``, which runs
+``python -m streamlit run ui/app.py -- --index INDEX_DIR``. The index folder comes from ``--index``
+after ``--``, else the ``SBIR_ENGINE_INDEX`` environment variable, else ``EngineConfig().index_dir``.
+
+The page predicts whenever its input changes (a stroke on the canvas, an upload, k or the class
+filter): Streamlit reruns the script on every change, and a query takes well under a second once
+the model is loaded. Stable markers for tests and scripts: the text "Predicted class: **<label>**",
+result images inside the container with the CSS class ``st-key-results`` captioned "<label> · <score>",
+and the canvas (``st-key-canvas``) and upload box (``st-key-upload``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+if importlib.util.find_spec("sbir_engine") is None:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sbir_engine.config import IMAGE_EXTENSIONS, EngineConfig  # noqa: E402
+from sbir_engine.engine import ModelMismatchError, Neighbour, QueryResult, SketchEngine  # noqa: E402
+from sbir_engine.images import EmptySketchError, ImageError  # noqa: E402
+from sbir_engine.index import IndexFormatError  # noqa: E402
+
+try:  # the page still takes uploads where the canvas component cannot load
+    from streamlit_drawable_canvas import st_canvas
+except Exception:  # pragma: no cover - depends on the installed component
+    st_canvas = None
+
+TITLE = "Sketch Based Image Retrieval"
+INDEX_ENV = "SBIR_ENGINE_INDEX"
+CANVAS_SIZE = 400
+GRID_COLUMNS = 5
+TOP_CLASSES = 5
+HINT = "Draw a sketch on the canvas or upload a sketch image to see its class and the nearest gallery images."
+
+
+def index_dir_from_args(argv: list[str] | None = None) -> Path:
+    """``--index`` from the script's arguments, else ``$SBIR_ENGINE_INDEX``, else the default."""
+    parser = argparse.ArgumentParser(prog="ui/app.py", add_help=False, allow_abbrev=False)
+    parser.add_argument("--index", type=Path, default=None)
+    args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.index is not None:
+        return args.index
+    if os.environ.get(INDEX_ENV):
+        return Path(os.environ[INDEX_ENV])
+    return EngineConfig().index_dir
+
+
+def one_line(err: BaseException | str) -> str:
+    """An exception (or a message) as one line of text: no traceback, no embedded newlines."""
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+@st.cache_resource(show_spinner="Loading the model and the index…", max_entries=4)
+def load_engine(index_dir: str) -> SketchEngine:
+    """One engine per index folder and process; failures are not cached, so a fixed index loads."""
+    engine = SketchEngine.load(Path(index_dir))
+    try:  # trace the network once here, so the first query on the page is as fast as the next
+        engine.embed(np.full((8, 8, 3), 255, np.uint8), sketch=False)
+    except Exception:  # a failed warm-up is not an error: the query will show any real one
+        pass
+    return engine
+
+
+def get_engine(index_dir: Path) -> SketchEngine | None:
+    """The loaded engine, or None after showing a one-line error panel."""
+    try:
+        engine = load_engine(str(Path(index_dir).resolve()))
+        engine.reload()  # pick up a newer version written by `build-index` since the page loaded
+        return engine
+    except IndexFormatError as err:
+        st.error(f"Index not usable: {one_line(err)}")
+    except ModelMismatchError as err:
+        st.error(f"Model and index do not match: {one_line(err)}")
+    except Exception as err:  # a damaged run folder, a missing weights file, …
+        st.error(f"Cannot load the index {index_dir}: {type(err).__name__}: {one_line(err)}")
+    st.caption(
+        "Start the page with `sbir-engine ui --index INDEX_DIR` on a folder written by "
+        "`sbir-engine build-index`."
+    )
+    return None
+
+
+def settings() -> tuple[int, bool, int]:
+    with st.sidebar:
+        st.header("Settings")
+        k = st.slider("Number of results (k)", min_value=1, max_value=50, value=10, key="k")
+        same_class = st.toggle("Only the predicted class", value=False, key="same_class")
+        stroke_width = st.slider("Stroke width", min_value=1, max_value=30, value=6, key="stroke_width")
+    return k, same_class, stroke_width
+
+
+def sketch_inputs(engine: SketchEngine, stroke_width: int) -> tuple[object | None, str]:
+    """The query (upload first, else a non-empty drawing) and a name for it in messages."""
+    draw_col, upload_col = st.columns([3, 2], gap="medium")
+    drawing = None
+    with draw_col:
+        st.subheader("Draw")
+        if st_canvas is None:
+            st.warning("The drawing canvas is not available (streamlit-drawable-canvas is not installed).")
+        else:
+            canvas = st_canvas(
+                stroke_width=stroke_width,
+                stroke_color="#000000",
+                background_color="",  # transparent: the engine composites onto white
+                drawing_mode="freedraw",
+                height=CANVAS_SIZE,
+                width=CANVAS_SIZE,
+                update_streamlit=True,
+                return_image_data=True,
+                key="canvas",
+            )
+            objects = (canvas.json_data or {}).get("objects") or []
+            if objects:
+                drawing = canvas.image_data
+                strokes = len(objects)  # freedraw: one path per stroke
+                plural = "s" if strokes != 1 else ""
+                st.caption(f"{strokes} stroke{plural} on the canvas · undo or clear in its toolbar")
+    with upload_col:
+        st.subheader("…or upload")
+        max_mb = max(1, math.ceil(engine.config.max_upload_bytes / 2**20))
+        upload = st.file_uploader(
+            "Sketch image",
+            type=[ext.lstrip(".") for ext in IMAGE_EXTENSIONS],
+            max_upload_size=max_mb,
+            key="upload",
+            help="Dark lines on a light background (or the reverse); any size up to the limits.",
+        )
+        if upload is not None:
+            if drawing is not None:
+                st.caption("Showing results for the uploaded file; remove it to query the drawing.")
+            return upload.getvalue(), f"the uploaded file {upload.name}"
+    if drawing is not None:
+        return drawing, "the drawing"
+    return None, ""
+
+
+def top_classes(probabilities: dict[str, float], n: int = TOP_CLASSES) -> list[tuple[str, float]]:
+    """The n most probable classes, most probable first (ties in class order)."""
+    return sorted(probabilities.items(), key=lambda item: -item[1])[:n]
+
+
+def render_result(result: QueryResult, resolve: Callable[[Neighbour], Path], k: int) -> None:
+    """The predicted class, the top-5 probabilities, the query time and the grid of nearest images."""
+    with st.container(key="results"):
+        info_col, chart_col = st.columns([1, 2], gap="large")
+        with info_col:
+            st.markdown(f"Predicted class: **{result.label}**")
+            st.markdown(f"Probability: **{result.probabilities.get(result.label, 0.0):.1%}**")
+            total = result.timings_ms.get("total")
+            if total is not None:
+                st.caption(f"Query time: {total:.0f} ms")
+        with chart_col:
+            top = top_classes(result.probabilities)
+            st.bar_chart(
+                {"class": [name for name, _ in top], "probability": [p for _, p in top]},
+                x="class", y="probability", horizontal=True, sort="-probability", height=200,
+            )  # fmt: skip
+        st.subheader("Nearest gallery images")
+        neighbours = result.neighbours
+        if not neighbours:
+            st.info("The index holds no images that match.")
+            return
+        if len(neighbours) < k:
+            st.caption(f"{len(neighbours)} of {k} results: the index holds no more that match.")
+        for start in range(0, len(neighbours), GRID_COLUMNS):
+            columns = st.columns(GRID_COLUMNS)
+            for column, neighbour in zip(columns, neighbours[start : start + GRID_COLUMNS], strict=False):
+                with column:
+                    caption = f"{neighbour.label or '—'} · {neighbour.score:.3f}"
+                    path = resolve(neighbour)
+                    if path.is_file():
+                        st.image(str(path), caption=caption, width="stretch")
+                    else:
+                        st.warning(f"{caption}: gallery file {neighbour.path} is missing")
+
+
+def run_query(engine: SketchEngine, source: object, name: str, k: int, same_class: bool) -> None:
+    try:
+        result = engine.query(source, k=k, same_class=same_class)
+    except EmptySketchError:
+        st.info(HINT)
+    except ImageError as err:
+        st.error(f"Cannot use {name}: {one_line(err.reason)}")
+    except IndexFormatError as err:
+        st.error(f"Index not usable: {one_line(err)}")
+    except ModelMismatchError as err:
+        st.error(f"Model and index do not match: {one_line(err)}")
+    except Exception as err:
+        st.error(f"Query failed: {type(err).__name__}: {one_line(err)}")
+    else:
+        render_result(result, engine.resolve, k)
+
+
+def main() -> None:
+    st.set_page_config(page_title=TITLE, page_icon="✏️", layout="wide")
+    st.title(TITLE)
+    st.caption(
+        "Draw a sketch or upload one: the page predicts its class and shows the nearest gallery images."
+    )
+    k, same_class, stroke_width = settings()
+    index_dir = index_dir_from_args()
+    engine = get_engine(index_dir)
+    if engine is None:
+        return
+    st.sidebar.caption(
+        f"Index: `{index_dir}` · {len(engine.index)} images · classes: {', '.join(engine.classes)}"
+    )
+    source, name = sketch_inputs(engine, stroke_width)
+    st.divider()
+    if source is None:
+        st.info(HINT)
+        return
+    run_query(engine, source, name, k, same_class)
+
+
+if __name__ == "__main__":
+    main()
