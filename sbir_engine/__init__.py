@@ -36,6 +36,8 @@ _EXPORTS = {
     "Embedder": "embed",
     "embed_images": "embed",
     "build_index": "build",
+    "add_files": "build",
+    "remove_files": "build",
     "BuildReport": "build",
     "GalleryIndex": "index",
     "IndexFormatError": "index",
@@ -44,6 +46,8 @@ _EXPORTS = {
     "Neighbour": "engine",
     "ModelMismatchError": "engine",
     "evaluate": "evaluate",
+    "MilvusStore": "milvus",
+    "export_to_milvus": "milvus",
 }
 
 __all__ = sorted(_EXPORTS)

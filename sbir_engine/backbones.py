@@ -257,7 +257,8 @@ def _lite2_cache_path(pth: Path) -> Path:
     return cache_dir() / f"efficientnet-lite2-imagenet-{key}.npz"
 
 
-def _save_npz(weights: dict[str, list[np.ndarray]], path: Path) -> None:
+def save_npz_weights(weights: dict[str, list[np.ndarray]], path: Path) -> None:
+    """Write weights by layer name as an ``.npz`` that ``build_backbone(..., weights=path)`` loads."""
     path.parent.mkdir(parents=True, exist_ok=True)
     flat = {f"{name}:{j}": a for name, arrs in weights.items() for j, a in enumerate(arrs)}
     # Write then rename, so a concurrent reader never sees half a file.
@@ -296,7 +297,7 @@ def lite2_imagenet_weights(weights: WeightsArg = "imagenet") -> dict[str, list[n
                 pass  # a damaged cache is rebuilt below
         converted = lite2_weights_from_state_dict(read_state_dict(pth))
         try:
-            _save_npz(converted, cached)
+            save_npz_weights(converted, cached)
         except OSError:
             pass  # a read-only home only costs speed
         return converted

@@ -1,14 +1,25 @@
-"""``build_index``: gallery folder → index folder, incrementally.
+"""``build_index``: gallery folder → index, incrementally; ``add_files`` / ``remove_files`` edit one.
 
-Rerunning it embeds only new or changed files (by content hash), drops entries of deleted files
-and keeps the ids of everything else. A different model means a full rebuild.
+Rerunning a build embeds only new or changed files (by content hash), drops entries of deleted
+files and keeps the ids of everything else. A different model means a full rebuild. All three
+share one code path (:func:`_update`): compare files with the manifest, embed what is new, then
+``remove`` / ``add`` on a :class:`~sbir_engine.index.VectorStore` and let its target commit it — a
+FAISS index folder (:class:`FaissTarget`) or a Milvus collection (``sbir_engine.milvus``).
+
+``add_files`` keeps the rule that the index mirrors the gallery folder: a file inside the gallery
+is indexed where it is; a file from elsewhere is first copied to ``<gallery>/<label>/<name>`` (or
+``<gallery>/<name>`` without a label), so a later ``build-index`` rescan finds it and changes
+nothing, and results always resolve under the gallery root.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import stat
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,12 +28,15 @@ import numpy as np
 from .config import IMAGE_EXTENSIONS
 from .embed import Embedder, embed_images
 from .index import (
+    TARGET_RECALL,
     Entry,
     GalleryIndex,
     IndexFormatError,
-    choose_factory,
+    VectorStore,
+    default_memory_budget,
+    estimate_memory,
+    factory_candidates,
     index_exists,
-    make_faiss_index,
     new_meta,
     tune_search,
 )
@@ -48,9 +62,12 @@ class BuildReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
     factory: str = ""
     search_parameter: tuple[str | None, int | None] = (None, None)
-    recall_at_10: float = 1.0
+    recall_at_10: float | None = 1.0  # None: not measured (an index Milvus chose)
+    memory_bytes: int | None = None  # the estimate the index type was chosen by
     full_rebuild_reason: str | None = None
+    notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    started: float = field(default=0.0, repr=False)
 
     def summary(self) -> str:
         lines = []
@@ -63,7 +80,10 @@ class BuildReport:
         )
         name, value = self.search_parameter
         tuned = f", {name}={value}" if name else ""
-        lines.append(f"index type {self.factory}{tuned}, recall@10 vs exact {self.recall_at_10:.3f}")
+        recall = "not measured" if self.recall_at_10 is None else f"{self.recall_at_10:.3f}"
+        memory = f", ~{self.memory_bytes / 2**20:,.0f} MiB in memory" if self.memory_bytes is not None else ""
+        lines.append(f"index type {self.factory}{tuned}, recall@10 vs exact {recall}{memory}")
+        lines.extend(self.notes)
         lines.extend(f"failed {path}: {reason}" for path, reason in self.failed)
         return "\n".join(lines)
 
@@ -97,112 +117,375 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class FaissTarget:
+    """Where a build lands: a versioned FAISS index folder, committed by an atomic swap.
+
+    The index type is chosen by size and memory budget unless ``index_type`` is given;
+    ``keep_type`` (``index add`` / ``index remove``) keeps the type and budget a build chose.
+    """
+
+    backend = "faiss"
+
+    def __init__(
+        self,
+        index_dir: Path,
+        index_type: str | None = None,
+        max_memory: int | None = None,
+        keep_type: bool = False,
+    ):
+        self.index_dir = Path(index_dir)
+        self.index_type = index_type
+        self.max_memory = max_memory
+        self.keep_type = keep_type
+
+    @property
+    def location(self) -> str:
+        return str(self.index_dir)
+
+    @property
+    def anchor(self) -> Path:
+        """The folder the model's relative path is stored against."""
+        return self.index_dir
+
+    def open(self) -> GalleryIndex | None:
+        return GalleryIndex.load(self.index_dir) if index_exists(self.index_dir) else None
+
+    def open_existing(self) -> GalleryIndex:
+        return GalleryIndex.load(self.index_dir)  # says how to build one when there is none
+
+    def model_dir(self, meta: dict) -> Path:
+        from .engine import resolve_model_dir
+
+        return resolve_model_dir(self.index_dir, meta)
+
+    def create(self, dim: int, n_classes: int, meta: dict) -> GalleryIndex:
+        return GalleryIndex.empty(dim, n_classes, meta)
+
+    def commit(self, store: GalleryIndex, report: BuildReport) -> None:
+        meta = store.meta
+        n, n_classes = len(store.ids), store.probabilities.shape[1]
+        budget = self.max_memory or (meta.get("memory_budget") if self.keep_type else None)
+        budget = budget or default_memory_budget()
+        rejected = dict(meta.get("rejected_factories") or {})
+        if self.index_type:
+            candidates, source = [self.index_type], "user"
+        elif self.keep_type and meta.get("factory_source") == "user":
+            candidates, source = [store.factory], "user"
+        else:
+            candidates = factory_candidates(n, store.dim, budget, n_classes, rejected)
+            source = "size"
+        for attempt, factory in enumerate(candidates):
+            # An IVF quantizer trained on a gallery less than half today's size is trained again.
+            retrain = factory.startswith("IVF") and n > 2 * int(meta.get("trained_count") or n)
+            how = store.refresh(factory, retrain)
+            name, value, recall = tune_search(store.index, store.vectors, factory)
+            if recall < TARGET_RECALL and how == "updated in place" and factory != "Flat":
+                how = store.refresh(factory, retrain=True)  # in-place additions may have cost recall
+                name, value, recall = tune_search(store.index, store.vectors, factory)
+            if recall >= TARGET_RECALL or attempt == len(candidates) - 1:
+                break
+            rejected[factory] = round(recall, 4)
+            report.notes.append(
+                f"{factory} reached recall@10 {recall:.3f} at most ({name}={value}) on this gallery: "
+                f"using {candidates[attempt + 1]} instead"
+            )
+        meta["rejected_factories"] = rejected
+        memory = estimate_memory(factory, n, store.dim, n_classes)
+        meta.update(
+            factory=factory,
+            factory_source=source,
+            memory_budget=budget,
+            memory_bytes=memory,
+            search_parameter=[name, value],
+            recall_at_10=recall,
+            count=n,
+        )
+        meta.setdefault("trained_count", n)
+        report.factory, report.search_parameter, report.recall_at_10 = factory, (name, value), recall
+        report.memory_bytes = memory
+        if report.added or report.updated or report.removed:
+            report.notes.append(f"FAISS index {how}")
+        report.total = n
+        report.seconds = time.perf_counter() - report.started
+        store.save(self.index_dir, report.summary().splitlines())
+
+
 def build_index(
     model_dir: Path,
     gallery: Path,
-    index_dir: Path,
+    index_dir: Path | None,
     index_type: str | None = None,
     batch_size: int = 32,
     max_memory: int | None = None,
     full: bool = False,
     embedder: Embedder | None = None,
+    target=None,
 ) -> BuildReport:
-    """Embed the gallery and write the index folder; only new or changed files are embedded."""
+    """Embed the gallery into an index; only new or changed files are embedded.
+
+    ``target`` is where the index lives: a :class:`FaissTarget` over ``index_dir`` by default,
+    or a ``sbir_engine.milvus.MilvusTarget``.
+    """
     started = time.perf_counter()
-    index_dir = Path(index_dir)
+    target = target or FaissTarget(index_dir, index_type, max_memory)
     embedder = embedder or Embedder(load_model(model_dir))
-    fingerprint = embedder.model.fingerprint()
-    report = BuildReport(index_dir)
+    report = BuildReport(target.location)
+    report.started = started
+    store, fresh = None, False
+    try:
+        store = target.open()
+    except IndexFormatError as err:
+        report.full_rebuild_reason = f"the previous index cannot be used ({err})"
+    if store is not None and store.meta["model"]["fingerprint"] != embedder.model.fingerprint():
+        report.full_rebuild_reason = (
+            "the model differs from the one that built the previous index: every image is embedded again"
+        )
+        fresh = True
+    elif store is not None and full:
+        report.full_rebuild_reason = "asked for (--full): every image is embedded again"
+        fresh = True
+    if store is not None and not fresh and Path(store.meta["gallery_root"]) != Path(gallery).resolve():
+        report.notes.append(
+            f"the gallery moved from {store.meta['gallery_root']} to {Path(gallery).resolve()}: "
+            "entries are matched by relative path and content hash, so nothing unchanged is embedded"
+        )
+    files = scan_gallery(gallery)
+    return _update(target, store, files, report, embedder, model_dir, gallery, batch_size, True, fresh=fresh)
 
-    previous = None
-    if index_exists(index_dir) and not full:
-        try:
-            previous = GalleryIndex.load(index_dir)
-        except IndexFormatError as err:
-            report.full_rebuild_reason = f"the previous index cannot be used ({err})"
-        if previous is not None and previous.meta["model"]["fingerprint"] != fingerprint:
-            report.full_rebuild_reason = "the model differs from the one that built the previous index"
-            previous = None
-        if previous is not None and Path(previous.meta["gallery_root"]) != Path(gallery).resolve():
-            report.full_rebuild_reason = "the gallery folder differs from the previous build's"
-            previous = None
 
-    old_by_path = {e.path: e for e in previous.entries.values()} if previous else {}
-    old_rows = {int(i): row for row, i in enumerate(previous.ids)} if previous else {}
-    # Ids are never reused, not even those of removed files.
-    next_id = max(previous.meta.get("next_id", 0) if previous else 0, max(old_rows, default=-1) + 1)
+def add_files(
+    index_dir: Path | None,
+    paths: Iterable[Path],
+    label: str | None = None,
+    model_dir: Path | None = None,
+    batch_size: int = 32,
+    embedder: Embedder | None = None,
+    target=None,
+) -> BuildReport:
+    """Index image files (or folders of them) into an existing index, embedding only those.
 
-    kept_entries: list[Entry] = []
-    kept_vectors: list[np.ndarray] = []
-    kept_probabilities: list[np.ndarray] = []
+    Files inside the gallery are indexed where they are (their label is their first folder);
+    files from elsewhere are copied into ``<gallery>/<label>/`` first (see the module doc).
+    A model other than the index's means a full rebuild, which the report says.
+    """
+    started = time.perf_counter()
+    target = target or FaissTarget(index_dir, keep_type=True)
+    store = target.open_existing()
+    report = BuildReport(target.location)
+    report.started = started
+    gallery = Path(store.meta["gallery_root"])
+    model_dir = Path(model_dir) if model_dir else target.model_dir(store.meta)
+    embedder = embedder or Embedder(load_model(model_dir))
+    files, copied = _stage(paths, gallery, label, report)
+    if store.meta["model"]["fingerprint"] != embedder.model.fingerprint():
+        rebuilt = build_index(
+            model_dir, gallery, None, batch_size=batch_size, embedder=embedder, target=target
+        )
+        rebuilt.failed[:0] = report.failed
+        return rebuilt
+    report = _update(target, store, files, report, embedder, model_dir, gallery, batch_size, False)
+    failed = {path for path, _ in report.failed}
+    for relative, destination in copied.items():
+        if relative in failed:  # a copy that could not be indexed does not stay in the gallery
+            destination.unlink(missing_ok=True)
+    return report
+
+
+def remove_files(
+    index_dir: Path | None, paths: Iterable[Path | str], delete_files: bool = False, target=None
+) -> BuildReport:
+    """Drop entries by path (a file, a folder of them, or a manifest path); nothing is embedded.
+
+    The files stay in the gallery unless ``delete_files``; a later ``build-index`` rescan would
+    index files that are still there again, which the report says.
+    """
+    started = time.perf_counter()
+    target = target or FaissTarget(index_dir, keep_type=True)
+    store = target.open_existing()
+    report = BuildReport(target.location)
+    report.started = started
+    gallery = Path(store.meta["gallery_root"])
+    by_path = {entry.path: entry.id for entry in store.entries.values()}
+    drop: dict[int, str] = {}
+    for given in paths:
+        relative = _gallery_relative(Path(given), gallery)
+        if not relative:
+            report.failed.append((str(given), f"not a file or folder inside the gallery {gallery}"))
+            continue
+        matched = [relative] if relative in by_path else [p for p in by_path if p.startswith(relative + "/")]
+        if not matched:
+            report.failed.append((str(given), "not in the index"))
+        drop.update((by_path[path], path) for path in matched)
+    still_there = [gallery / path for path in drop.values() if (gallery / path).exists()]
+    if delete_files:
+        for path in still_there:
+            path.unlink()
+    elif still_there:
+        report.notes.append(
+            f"{len(still_there)} removed file(s) are still in the gallery folder: a later `build-index` "
+            "indexes them again (delete them, or use --delete-files)"
+        )
+    return _update(target, store, [], report, None, None, gallery, 32, False, set(drop))
+
+
+def _update(
+    target,
+    store: VectorStore | None,
+    files: list[GalleryFile],
+    report: BuildReport,
+    embedder: Embedder | None,
+    model_dir: Path | None,
+    gallery: Path,
+    batch_size: int,
+    drop_missing: bool,
+    drop: set[int] = frozenset(),
+    fresh: bool = False,
+) -> BuildReport:
+    """The one update path: compare ``files`` with the manifest, embed what is new or changed,
+    remove ``drop`` (and, for a rescan, entries whose file is gone), add, commit.
+
+    ``fresh``: embed every file into a new, empty store (another model), keeping ids by path.
+    """
+    old_by_path = {e.path: e for e in store.entries.values()} if store is not None else {}
+    next_id = int(store.meta.get("next_id", 0)) if store is not None else 0
+    next_id = max(next_id, max(old_by_path.values(), key=lambda e: e.id).id + 1 if old_by_path else 0)
     to_embed: list[tuple[GalleryFile, str, int, int]] = []  # file, sha256, size, id
     seen = set()
-    for item in scan_gallery(gallery):
+    for item in files:
         try:
-            digest, size = file_sha256(item.path), item.path.stat().st_size
+            info = item.path.stat()
+            if not stat.S_ISREG(info.st_mode):  # a FIFO or a device: reading it could block forever
+                report.failed.append((item.relative, "is not a regular file (a pipe, socket or device)"))
+                continue
+            digest, size = file_sha256(item.path), info.st_size
         except OSError as err:
             report.failed.append((item.relative, f"cannot be read ({err.strerror or err})"))
             continue
         seen.add(item.relative)
         old = old_by_path.get(item.relative)
-        if old is not None and old.sha256 == digest and old.label == item.label:
-            kept_entries.append(old)
-            kept_vectors.append(previous.vectors[old_rows[old.id]])
-            kept_probabilities.append(previous.probabilities[old_rows[old.id]])
-            report.unchanged += 1
+        if old is not None and old.sha256 == digest and old.label == item.label and not fresh:
+            continue
+        if old is not None:
+            report.updated += 1  # re-embedded under its id
+            entry_id = old.id
         else:
-            if old is not None:
-                report.updated += 1
-                entry_id = old.id
+            report.added += 1
+            entry_id, next_id = next_id, next_id + 1  # ids are never reused
+        to_embed.append((item, digest, size, entry_id))
+    drop = set(drop)
+    if drop_missing:
+        drop |= {entry.id for path, entry in old_by_path.items() if path not in seen}
+
+    if to_embed and embedder is None:
+        raise ValueError("files to embed but no model")
+    embedded = (
+        embed_images(embedder, [f.path for f, *_ in to_embed], batch_size, "Embedding gallery")
+        if to_embed
+        else None
+    )
+    new_entries, vectors, probabilities = [], [], []
+    if embedded is not None:
+        report.embedded = len(embedded.paths)
+        by_path = {f.path: (f, digest, size, entry_id) for f, digest, size, entry_id in to_embed}
+        for path, reason in embedded.failures:
+            item, _, _, entry_id = by_path[path]
+            report.failed.append((item.relative, reason))
+            if item.relative in old_by_path:  # updated into something unreadable: drop the stale entry
+                report.updated -= 1
+                drop.add(entry_id)
             else:
-                report.added += 1
-                entry_id, next_id = next_id, next_id + 1
-            to_embed.append((item, digest, size, entry_id))
-    report.removed = sum(1 for path in old_by_path if path not in seen)
+                report.added -= 1
+        for path in embedded.paths:
+            item, digest, size, entry_id = by_path[path]
+            new_entries.append(Entry(entry_id, item.relative, item.label, digest, size))
+        vectors, probabilities = embedded.vectors, embedded.probabilities
+    report.removed = len(drop & {e.id for e in old_by_path.values()})
+    report.unchanged = 0 if fresh else len(old_by_path) - report.updated - report.removed
 
-    embedded = embed_images(embedder, [f.path for f, *_ in to_embed], batch_size, "Embedding gallery")
-    report.embedded = len(embedded.paths)
-    failures = {path: reason for path, reason in embedded.failures}
-    by_path = {f.path: (f, digest, size, entry_id) for f, digest, size, entry_id in to_embed}
-    for path, reason in failures.items():
-        item, *_ = by_path[path]
-        report.failed.append((item.relative, reason))
-        if item.relative in old_by_path:  # it was updated into something unreadable: drop the stale entry
-            report.updated -= 1
-            report.removed += 1
+    if embedder is not None:
+        meta = new_meta(
+            embedder.config.embedding_dim,
+            store.meta.get("factory", "Flat") if store is not None else "Flat",
+            embedder.model.fingerprint(),
+            model_dir,
+            target.anchor,
+            gallery,
+        )
+        meta["classes"] = list(embedder.config.classes)
+        if store is None or fresh:
+            store = target.create(embedder.config.embedding_dim, len(embedder.config.classes), meta)
         else:
-            report.added -= 1
-    for path, vector, probs in zip(embedded.paths, embedded.vectors, embedded.probabilities, strict=True):
-        item, digest, size, entry_id = by_path[path]
-        kept_entries.append(Entry(entry_id, item.relative, item.label, digest, size))
-        kept_vectors.append(vector)
-        kept_probabilities.append(probs)
-
-    dim = embedder.config.embedding_dim
-    vectors = np.stack(kept_vectors).astype(np.float32) if kept_vectors else np.zeros((0, dim), np.float32)
-    n_classes = len(embedder.config.classes)
-    probabilities = (
-        np.stack(kept_probabilities).astype(np.float32)
-        if kept_probabilities
-        else np.zeros((0, n_classes), np.float32)
-    )
-    ids = np.array([e.id for e in kept_entries], dtype=np.int64)
-    report.total = len(ids)
-    report.factory = index_type or choose_factory(len(ids), dim, max_memory)
-    faiss_index = make_faiss_index(vectors, ids, report.factory)
-    name, value, report.recall_at_10 = tune_search(faiss_index, vectors, report.factory)
-    report.search_parameter = (name, value)
-
-    meta = new_meta(dim, report.factory, fingerprint, model_dir, index_dir, gallery)
-    meta.update(
-        count=report.total,
-        search_parameter=[name, value],
-        recall_at_10=report.recall_at_10,
-        next_id=next_id,
-        classes=list(embedder.config.classes),
-    )
-    report.seconds = time.perf_counter() - started
-    GalleryIndex(faiss_index, vectors, probabilities, ids, kept_entries, meta).save(
-        index_dir, report.summary().splitlines()
-    )
+            meta["created"] = store.meta.get("created", meta["created"])
+            store.meta.update(meta)
+    store.meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    store.meta["next_id"] = next_id
+    store.remove(drop)
+    if new_entries:
+        store.add(new_entries, np.asarray(vectors, np.float32), np.asarray(probabilities, np.float32))
+    target.commit(store, report)
     return report
+
+
+def _gallery_relative(path: Path, gallery: Path) -> str | None:
+    """``path`` as a manifest key ("" for the gallery root itself; None if outside the gallery).
+
+    A path on disk (or an absolute one) is taken relative to the gallery root; anything else is
+    taken to be a manifest key already, as ``query`` prints them.
+    """
+    bases = {gallery.resolve(), Path(os.path.abspath(gallery))}
+    candidates = {Path(os.path.abspath(path))} | ({path.resolve()} if path.exists() else set())
+    for base in bases:
+        for candidate in candidates:
+            if candidate.is_relative_to(base):
+                relative = candidate.relative_to(base).as_posix()
+                return "" if relative == "." else relative
+    if path.is_absolute() or path.exists():
+        return None
+    return path.as_posix().strip("/")
+
+
+def _stage(
+    paths: Iterable[Path], gallery: Path, label: str | None, report: BuildReport
+) -> tuple[list[GalleryFile], dict[str, Path]]:
+    """The gallery files that ``add_files`` indexes, copying outside files in; failures go to the report."""
+    gallery = Path(gallery)
+    if label is not None and (not label or "/" in label or label in (".", "..")):
+        raise ValueError(f"--label {label!r} is not a folder name")
+    staged: dict[str, GalleryFile] = {}
+    copied: dict[str, Path] = {}
+    for given in paths:
+        given = Path(given)
+        if not given.exists():
+            report.failed.append((str(given), "no such file or folder"))
+            continue
+        inside = _gallery_relative(given.resolve(), gallery)
+        if given.is_dir():
+            sources = [(f.path, Path(f.relative)) for f in scan_gallery(given)]
+        elif given.suffix.lower() in IMAGE_EXTENSIONS:
+            sources = [(given, Path(given.name))]
+        else:
+            report.failed.append((str(given), f"not an image file ({', '.join(IMAGE_EXTENSIONS)})"))
+            continue
+        for source, relative in sources:
+            if inside is not None:  # indexed in place; its folder is its label
+                key = Path(inside, relative).as_posix() if given.is_dir() else inside
+                file_label = key.split("/")[0] if "/" in key else None
+                if label is not None and file_label != label:
+                    report.failed.append(
+                        (key, f"inside the gallery its label is its folder ({file_label}), not {label!r}")
+                    )
+                    continue
+                staged[key] = GalleryFile(gallery / key, key, file_label)
+                continue
+            key = (Path(label) / relative if label else relative).as_posix()
+            destination = gallery / key
+            if destination.exists():
+                if file_sha256(destination) != file_sha256(source):
+                    report.failed.append((str(source), f"{destination} exists and is a different file"))
+                    continue
+            else:
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, destination)
+                copied[key] = destination
+            staged[key] = GalleryFile(destination, key, key.split("/")[0] if "/" in key else None)
+    return list(staged.values()), copied

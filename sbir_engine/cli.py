@@ -24,6 +24,14 @@ index_app = typer.Typer(help="Inspect and edit an index without a full build.", 
 
 DEFAULTS = EngineConfig()
 IndexDir = Annotated[Path, typer.Option("--index", "-i", help="Index folder.")]
+Backend = Annotated[
+    str, typer.Option(help="Where vectors live: faiss (an index folder) or milvus (a collection at --uri).")
+]
+MilvusUri = Annotated[
+    str, typer.Option(help="Milvus: a local .db file (Milvus Lite) or http://host:19530 (a server).")
+]
+Collection = Annotated[str, typer.Option(help="Milvus collection name.")]
+DEFAULT_COLLECTION = "sbir_gallery"  # sbir_engine.milvus.DEFAULT_COLLECTION, without importing it
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -57,15 +65,30 @@ def build_index_command(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     full: Annotated[bool, typer.Option("--full", help="Re-embed everything.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero if any file failed.")] = False,
+    backend: Backend = "faiss",
+    uri: MilvusUri = "",
+    collection: Collection = DEFAULT_COLLECTION,
 ) -> None:
-    """Embed a gallery folder into a FAISS index (only new or changed files on a rerun)."""
+    """Embed a gallery folder into a FAISS index or Milvus collection (on a rerun: new or changed files).
+
+    With --backend milvus, --index-type names a Milvus index (FLAT, HNSW, IVF_FLAT, AUTOINDEX;
+    default FLAT for Milvus Lite, AUTOINDEX for a server).
+    """
     from .build import build_index
 
     try:
+        target = _target(backend, out, uri, collection, index_type)
         report = build_index(
-            model, gallery, out, index_type or None, batch_size, int(max_memory * 2**30) or None, full
+            model,
+            gallery,
+            out,
+            index_type or None,
+            batch_size,
+            int(max_memory * 2**30) or None,
+            full,
+            target=target,
         )
-    except _errors() as err:
+    except _index_errors() as err:
         fail(str(err))
     typer.echo(report.summary())
     if strict and report.failed:
@@ -80,14 +103,22 @@ def query(
     same_class: Annotated[bool, typer.Option(help="Only images of the predicted class.")] = False,
     label: Annotated[list[str], typer.Option(help="Only images with this label (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    backend: Backend = "faiss",
+    uri: MilvusUri = "",
+    collection: Collection = DEFAULT_COLLECTION,
 ) -> None:
     """Classify a sketch and list its nearest gallery images."""
     from .engine import SketchEngine
 
     try:
-        engine = SketchEngine.load(index)
+        if _target(backend, index, uri, collection) is None:
+            engine = SketchEngine.load(index)
+        else:
+            from .milvus import load_engine
+
+            engine = load_engine(uri, collection)
         result = engine.query(sketch, k=k, same_class=same_class, labels=label or None)
-    except _errors() as err:
+    except _index_errors() as err:
         fail(str(err))
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
@@ -138,13 +169,20 @@ def train(
     ] = 0,
     fine_tune_epochs: Annotated[int, typer.Option(help="Epochs of fine-tuning.")] = 3,
     seed: Annotated[int, typer.Option(help="Random seed.")] = DEFAULTS.seed,
+    contrastive_weight: Annotated[
+        float, typer.Option(help="Weight of the supervised contrastive term on the 512-d layer (0 = off).")
+    ] = DEFAULTS.contrastive_weight,
 ) -> None:
     """Train the classifier (frozen backbone, cached features; optionally fine-tune its top)."""
     from .train import train as train_model
 
     try:
         config = DEFAULTS.replace(
-            backbone=backbone, domains=tuple(d.strip() for d in domains.split(",")), epochs=epochs, seed=seed
+            backbone=backbone,
+            domains=tuple(d.strip() for d in domains.split(",")),
+            epochs=epochs,
+            seed=seed,
+            contrastive_weight=contrastive_weight,
         )
         metrics = train_model(data, out, config, backbone_weights, fine_tune, fine_tune_epochs)
     except _errors() as err:
@@ -160,6 +198,11 @@ def evaluate(
         "data/sketch/test"
     ),
     out: Annotated[Path, typer.Option(help="Folder for the confusion matrix and metrics.")] = None,
+    canvas: Annotated[
+        Path,
+        typer.Option(help="Stroke files (<class>.ndjson) to render as canvases and compare with bitmaps."),
+    ] = None,
+    quickdraw: Annotated[Path, typer.Option(help="QuickDraw tarball, for the canvas comparison.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON.")] = False,
 ) -> None:
     """Sketch accuracy and retrieval quality (mAP@all, P@10, P@100) against an index."""
@@ -167,7 +210,7 @@ def evaluate(
     from .evaluate import format_report
 
     try:
-        report = run_evaluation(index, queries, out)
+        report = run_evaluation(index, queries, out, canvas_strokes=canvas, quickdraw=quickdraw)
     except _errors() as err:
         fail(str(err))
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
@@ -187,26 +230,160 @@ def ui(
     raise typer.Exit(subprocess.call(command))
 
 
+def _index_errors():
+    """_errors() plus the Milvus backend's (pymilvus missing, a bad URI)."""
+    from .milvus import MilvusUnavailable
+
+    return (*_errors(), MilvusUnavailable)
+
+
+def _target(backend: str, index: Path, uri: str, collection: str, index_type: str = "", keep_type=False):
+    """None for the default FAISS folder build, else where an index command reads and writes."""
+    if backend not in ("faiss", "milvus"):
+        raise ValueError(f"--backend is faiss or milvus, not {backend!r}")
+    if backend == "faiss":
+        if uri:
+            raise ValueError("--uri is for --backend milvus")
+        if not keep_type:
+            return None
+        from .build import FaissTarget
+
+        return FaissTarget(index, keep_type=True)
+    if not uri:
+        raise ValueError("--backend milvus needs --uri: a local .db file (Milvus Lite) or http://host:19530")
+    from .milvus import MilvusTarget, connect
+
+    connect(uri).close()  # a bad URI or a missing pymilvus is said here, before any model loads
+    return MilvusTarget(uri, collection, index_type or None)
+
+
+def _print_report(report, strict: bool) -> None:
+    typer.echo(report.summary())
+    if strict and report.failed:
+        raise typer.Exit(3)
+
+
 @index_app.command("info")
-def index_info(index: IndexDir = DEFAULTS.index_dir) -> None:
-    """What an index holds and how it was built."""
+def index_info(
+    index: IndexDir = DEFAULTS.index_dir,
+    backend: Backend = "faiss",
+    uri: MilvusUri = "",
+    collection: Collection = DEFAULT_COLLECTION,
+) -> None:
+    """What an index holds, how it was built, the index type chosen and its measured recall."""
     from .index import GalleryIndex, current_version
 
     try:
-        gallery = GalleryIndex.load(index)
-    except _errors() as err:
+        target = _target(backend, index, uri, collection)
+        gallery = GalleryIndex.load(index) if target is None else target.open_existing()
+        entries = list(gallery.entries.values())
+    except _index_errors() as err:
         fail(str(err))
     meta = gallery.meta
     labels: dict[str, int] = {}
-    for entry in gallery.entries.values():
+    for entry in entries:
         labels[entry.label or "-"] = labels.get(entry.label or "-", 0) + 1
-    typer.echo(f"index       {index} ({current_version(index).name}, format {meta['format_version']})")
-    typer.echo(f"images      {len(gallery)} from {meta['gallery_root']}")
-    typer.echo(
-        f"type        {meta['factory']} {meta.get('search_parameter')}, recall@10 {meta.get('recall_at_10')}"
-    )
+    if target is None:
+        where = f"{index} ({current_version(index).name}, format {meta['format_version']})"
+    else:
+        where = f"{target.location} (Milvus, format {meta['format_version']})"
+    typer.echo(f"index       {where}")
+    typer.echo(f"images      {len(entries)} from {meta['gallery_root']}")
+    name, value = meta.get("search_parameter") or (None, None)
+    tuned = f", {name}={value}" if name else ""
+    if backend == "milvus":
+        chosen = "Milvus index, COSINE metric"
+    elif meta.get("factory_source") == "user":
+        chosen = "chosen with --index-type"
+    else:
+        budget = meta.get("memory_budget")
+        chosen = "chosen by size" + (f" and a {budget / 2**30:.1f} GiB memory budget" if budget else "")
+    typer.echo(f"type        {meta['factory']}{tuned} ({chosen})")
+    recall = meta.get("recall_at_10")
+    if recall is None:
+        typer.echo("recall@10   not measured (Milvus chose the index)")
+    elif meta["factory"] in ("Flat", "FLAT"):
+        typer.echo(f"recall@10   {recall:.3f} (exact search)")
+    else:
+        typer.echo(f"recall@10   {recall:.3f} vs exact search (tuned on the gallery's own vectors)")
+    if meta.get("memory_bytes"):
+        typer.echo(f"memory      ~{meta['memory_bytes'] / 2**20:,.0f} MiB when loaded (estimate)")
     typer.echo(f"model       {meta['model']['run_dir']} (fingerprint {meta['model']['fingerprint']})")
     typer.echo("labels      " + ", ".join(f"{k} {v}" for k, v in sorted(labels.items())))
+
+
+@index_app.command("add")
+def index_add(
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders of them.")],
+    index: IndexDir = DEFAULTS.index_dir,
+    label: Annotated[
+        str,
+        typer.Option(help="Class folder for files from outside the gallery (copied to <gallery>/<label>/)."),
+    ] = "",
+    model: Annotated[
+        Path, typer.Option(help="Model run folder (default: the one that built the index).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 3 if any file failed.")] = False,
+    backend: Backend = "faiss",
+    uri: MilvusUri = "",
+    collection: Collection = DEFAULT_COLLECTION,
+) -> None:
+    """Index new images, embedding only them (files from outside the gallery are copied into it)."""
+    from .build import add_files
+
+    try:
+        target = _target(backend, index, uri, collection, keep_type=True)
+        report = add_files(index, paths, label or None, model, batch_size, target=target)
+    except _index_errors() as err:
+        fail(str(err))
+    _print_report(report, strict)
+
+
+@index_app.command("remove")
+def index_remove(
+    paths: Annotated[
+        list[str], typer.Argument(help="Gallery files or folders, or manifest paths as `query` prints them.")
+    ],
+    index: IndexDir = DEFAULTS.index_dir,
+    delete_files: Annotated[
+        bool, typer.Option("--delete-files", help="Also delete the files from the gallery folder.")
+    ] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 3 if any path was not found.")] = False,
+    backend: Backend = "faiss",
+    uri: MilvusUri = "",
+    collection: Collection = DEFAULT_COLLECTION,
+) -> None:
+    """Drop images from the index by path; nothing is embedded."""
+    from .build import remove_files
+
+    try:
+        target = _target(backend, index, uri, collection, keep_type=True)
+        report = remove_files(index, [Path(p) for p in paths], delete_files, target=target)
+    except _index_errors() as err:
+        fail(str(err))
+    _print_report(report, strict)
+
+
+@index_app.command("export-milvus")
+def index_export_milvus(
+    uri: Annotated[str, typer.Option(help="A local .db file (Milvus Lite) or http://host:19530.")],
+    index: IndexDir = DEFAULTS.index_dir,
+    collection: Collection = DEFAULT_COLLECTION,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing collection.")] = False,
+    index_type: Annotated[
+        str, typer.Option(help="Milvus index type (default FLAT on Milvus Lite, AUTOINDEX on a server).")
+    ] = "",
+) -> None:
+    """Copy a FAISS index folder (vectors, class probabilities, manifest, ids) into a Milvus collection."""
+    from .milvus import export_to_milvus
+
+    try:
+        store = export_to_milvus(index, uri, collection, overwrite, index_type or None)
+    except _index_errors() as err:
+        fail(str(err))
+    typer.echo(f"exported {len(store)} images from {index} to {store.location}, index {store.factory}")
+    typer.echo(f"query it: sbir-engine query SKETCH --backend milvus --uri {uri} --collection {collection}")
 
 
 app.add_typer(index_app, name="index")

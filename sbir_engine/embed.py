@@ -6,6 +6,7 @@ and skipped instead of stopping the run.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -81,24 +82,36 @@ def read_batches(
 class Embedder:
     """One forward pass per batch: image batch → (L2-normalised embeddings, class probabilities).
 
-    The graph is traced once for a fixed input signature, so no call builds a graph or a model.
+    The forward pass runs on a fast inference runtime chosen once here (see :mod:`sbir_engine.runtime`):
+    ``runtime="auto"`` (default, or ``$SBIR_ENGINE_RUNTIME``) takes the fastest measured for the
+    backbone — a LiteRT/ONNX file derived from the Keras model, keyed by its fingerprint, rebuilt
+    when stale and checked against Keras within 1e-4 — or ``"tf"``, a ``tf.function`` traced once
+    for a fixed input signature. Either way no call builds a graph or loads a model; the runtime is
+    warmed up here. ``run_dir`` is where the derived file lives (the user cache if not given).
+    The derived file snapshots the weights: re-create the Embedder after changing the model.
     """
 
-    def __init__(self, model: SketchModel):
-        import tensorflow as tf
+    def __init__(
+        self,
+        model: SketchModel,
+        runtime: str | None = None,
+        run_dir: Path | None = None,
+        num_threads: int | None = None,
+    ):
+        from .runtime import load_runtime
 
         self.model = model
         self.config = model.config
-        serving = model.serving_model()
-        size = self.config.image_size
-        self._forward = tf.function(
-            lambda images: serving(images, training=False),
-            input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)],
-        )
+        self._runtime = load_runtime(model, runtime, run_dir, num_threads)
+        self.runtime: str = self._runtime.name  # the runtime in use: "tf", "tflite" or "onnx"
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        embeddings, probabilities = self._forward(np.asarray(images, dtype=np.float32))
-        return l2_normalize(embeddings.numpy()), probabilities.numpy()
+        images = np.asarray(images, dtype=np.float32)
+        if len(images) == 0:
+            dim, n = self.config.embedding_dim, len(self.config.classes)
+            return np.zeros((0, dim), np.float32), np.zeros((0, n), np.float32)
+        embeddings, probabilities = self._runtime(images)
+        return l2_normalize(embeddings), np.asarray(probabilities, dtype=np.float32)
 
     def load_image(self, path: Path) -> np.ndarray:
         return load_rgb(path, self.config.image_size, **self.limits)
@@ -119,19 +132,52 @@ class Embeddings:
     failures: list[tuple[Path, str]]
 
 
+def _pause_point(name: str) -> None:
+    """:func:`sbir_engine.index.pause_point`, imported only when a crash-safety test sets its
+    variable: embedding needs no FAISS (``scripts/bench.py --gpu-parts`` runs where there is none)."""
+    if os.environ.get("SBIR_ENGINE_TEST_PAUSE_AT"):  # index.PAUSE_ENV
+        from .index import pause_point
+
+        pause_point(name)
+
+
+def decode_workers() -> int:
+    """Decode threads for gallery embedding: one per usable core (2 to 16).
+
+    Decoding is ~10% of the network's time per image on 2 cores (scripts/bench.py), so a thread per
+    core keeps batches ready without crowding the runtime's own threads; more cores decode faster.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 2
+    return max(2, min(16, cores))
+
+
 def embed_images(
-    embedder: Embedder, paths: list[Path], batch_size: int = 32, description: str = "Embedding"
+    embedder: Embedder,
+    paths: list[Path],
+    batch_size: int = 32,
+    description: str = "Embedding",
+    workers: int | None = None,
+    prefetch: int = 2,
 ) -> Embeddings:
-    """Embed image files with a progress bar; unreadable files are listed in ``failures``."""
+    """Embed image files with a progress bar (images/s); unreadable files are listed in ``failures``.
+
+    Decoding runs ``prefetch`` batches ahead on ``workers`` threads (default :func:`decode_workers`)
+    while the network runs, so the network is not kept waiting for images.
+    """
     vectors, probabilities, good, failures = [], [], [], []
+    workers = workers or decode_workers()
     with progress_bar() as progress:
         task = progress.add_task(description, total=len(paths))
-        for batch in read_batches(paths, embedder.load_image, batch_size):
+        for batch in read_batches(paths, embedder.load_image, batch_size, workers, prefetch):
             failures.extend(batch.failures)
             if batch.paths:
                 emb, probs = embedder(batch.arrays)
                 vectors.append(emb)
                 probabilities.append(probs)
+                _pause_point("embedding")  # crash-safety tests stop (and kill) a build here
                 good.extend(batch.paths)
             progress.advance(task, len(batch.paths) + len(batch.failures))
     dim = embedder.config.embedding_dim

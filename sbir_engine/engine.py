@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,10 +55,12 @@ class SketchEngine:
     :meth:`reload` swaps in a newer version in a single assignment.
     """
 
-    def __init__(self, index_dir: Path, index: GalleryIndex, embedder: Embedder):
-        self.index_dir = Path(index_dir)
+    def __init__(self, index_dir: Path | None, index: GalleryIndex, embedder: Embedder):
+        self.index_dir = Path(index_dir) if index_dir is not None else None
         self._index = index
-        self._version = current_version(self.index_dir).name
+        # The version the index was read from (a build may have committed since); None for a live
+        # VectorStore such as a Milvus collection (see from_store), which has no versions to reload.
+        self._version = getattr(index, "version", None) if self.index_dir is not None else None
         self.embedder = embedder
         self.config = embedder.config
         self.gallery_root = Path(index.meta["gallery_root"])
@@ -68,7 +71,15 @@ class SketchEngine:
         model_dir = Path(model_dir) if model_dir else resolve_model_dir(index_dir, index.meta)
         model = load_model(model_dir)
         check_compatible(index, model.fingerprint(), model.config.embedding_dim, index_dir, model_dir)
-        return cls(index_dir, index, Embedder(model))
+        return cls(index_dir, index, Embedder(model, run_dir=_writable(model_dir)))
+
+    @classmethod
+    def from_store(cls, store, model_dir: Path | None = None) -> SketchEngine:
+        """An engine over another :class:`~sbir_engine.index.VectorStore`, e.g. a Milvus collection."""
+        model_dir = Path(model_dir) if model_dir else Path(store.meta["model"]["run_dir"])
+        model = load_model(model_dir)
+        check_compatible(store, model.fingerprint(), model.config.embedding_dim, store.location, model_dir)
+        return cls(None, store, Embedder(model, run_dir=_writable(model_dir)))
 
     @property
     def index(self) -> GalleryIndex:
@@ -80,6 +91,8 @@ class SketchEngine:
 
     def reload(self) -> bool:
         """Pick up a newer index version written by a build; True if it changed."""
+        if self.index_dir is None:
+            return False
         version = current_version(self.index_dir).name
         if version == self._version:
             return False
@@ -87,7 +100,7 @@ class SketchEngine:
         check_compatible(
             index, self.embedder.model.fingerprint(), self.config.embedding_dim, self.index_dir, None
         )
-        self._index, self._version = index, version
+        self._index, self._version = index, index.version
         return True
 
     def embed(self, images: list[ImageSource] | ImageSource, sketch: bool = True) -> np.ndarray:
@@ -169,6 +182,11 @@ def fused_scores(
     embedding is only fairly close. ``w = 0`` ranks by the 512-d embedding alone.
     """
     return (1.0 - weight) * cosine + weight * (gallery_probabilities @ query_probabilities)
+
+
+def _writable(run_dir: Path) -> Path | None:
+    """The run folder keeps the exported fast-runtime file when it can; else the user cache does."""
+    return run_dir if os.access(run_dir, os.W_OK) else None
 
 
 def check_compatible(

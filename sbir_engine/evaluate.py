@@ -24,6 +24,8 @@ def evaluate(
     out: Path | None = None,
     engine: SketchEngine | None = None,
     rerank_weight: float | None = None,
+    canvas_strokes: Path | None = None,
+    quickdraw: Path | None = None,
 ) -> dict:
     engine = engine or SketchEngine.load(index_dir)
     files = [f for f in scan_gallery(queries) if f.label is not None]
@@ -62,6 +64,10 @@ def evaluate(
         q: {"class": c, "share_of_top10": s}
         for q, (c, s) in hub_share(scores, labels, gallery_labels).items()
     }
+    if canvas_strokes is not None:
+        report["canvas"] = evaluate_canvas(
+            engine, canvas_strokes, quickdraw or engine.config.quickdraw_tarball
+        )
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -87,5 +93,58 @@ def format_report(report: dict) -> str:
             f"  {label:20s} {numbers['mAP@all']:.3f}   {numbers['P@10']:.3f}  "
             f"{hub.get('class', '-')} {hub.get('share_of_top10', 0):.0%}"
         )
+    for name, value in report.get("canvas", {}).items():
+        if name != "drawings":
+            lines.append(f"canvas check           {name:28s} top-1 {value:.3f}")
     lines.extend(f"skipped {s}" for s in report["skipped"])
     return "\n".join(lines)
+
+
+# Canvas-like renderings: (canvas size, pen width, RGBA on transparent?) as people draw in browsers.
+CANVAS_STYLES = ((400, 6, True), (256, 3, False), (800, 12, False), (200, 8, True))
+
+
+def evaluate_canvas(engine: SketchEngine, strokes_dir: Path, tarball: Path) -> dict:
+    """Top-1 of raw pen strokes rendered as canvases versus the same drawings' 28×28 bitmaps.
+
+    ``quickdraw-strokes/<class>.ndjson`` holds the first drawings of each category, which are also
+    the first bitmaps of the QuickDraw package: line i is bitmap i, so the comparison is paired.
+    Only drawings in the model's validation and test splits count: the training bitmaps were seen.
+    """
+    import json as json_lib
+
+    from .data import read_quickdraw_bitmaps, split_indices
+    from .images import render_strokes
+
+    classes = engine.classes
+    inputs: dict[str, list] = {"bitmap": []}
+    labels = []
+    for label in classes:
+        path = Path(strokes_dir) / f"{label}.ndjson"
+        if not path.is_file():
+            continue
+        drawings = [json_lib.loads(line)["drawing"] for line in path.read_text().splitlines() if line.strip()]
+        bitmaps = read_quickdraw_bitmaps(tarball, label)
+        split = split_indices(len(bitmaps), engine.config.split, f"{engine.config.seed}:sketch:{label}")
+        held_out = set(split["val"]) | set(split["test"])
+        for i, strokes in enumerate(drawings):
+            if i not in held_out:
+                continue
+            inputs["bitmap"].append(bitmaps[i])
+            for size, width, rgba in CANVAS_STYLES:
+                name = f"canvas {size}px pen {width}{' RGBA' if rgba else ''}"
+                inputs.setdefault(name, []).append(render_strokes(strokes, size, width, rgba))
+            labels.append(classes.index(label))
+    if not labels:
+        raise FileNotFoundError(f"no <class>.ndjson stroke files for {classes} in {strokes_dir}")
+    labels = np.array(labels)
+    report = {"drawings": len(labels)}
+    for name, images in inputs.items():
+        probabilities = np.concatenate(
+            [
+                engine.embedder(np.stack([engine.embedder.load_sketch(im) for im in images[i : i + 64]]))[1]
+                for i in range(0, len(images), 64)
+            ]
+        )
+        report[name] = top_k_accuracy(probabilities, labels, 1)
+    return report

@@ -7,6 +7,7 @@ an image is resized the same way wherever it comes from.
 from __future__ import annotations
 
 import io
+import stat
 import warnings
 from pathlib import Path
 
@@ -70,7 +71,10 @@ def open_image(
             try:
                 if path.is_dir():
                     raise ImageError(name, "is a folder, not an image file")
-                size = path.stat().st_size
+                info = path.stat()
+                if not stat.S_ISREG(info.st_mode):  # reading a FIFO or a device could block forever
+                    raise ImageError(name, "is not a regular file (a pipe, socket or device)")
+                size = info.st_size
                 if size > max_bytes:
                     raise ImageError(name, f"file is {size:,} bytes, over the limit of {max_bytes:,}")
                 data = path.read_bytes()
@@ -94,7 +98,10 @@ def open_image(
                 image.load()
         except ImageError:
             raise
-        except (UnidentifiedImageError, Image.DecompressionBombError) as err:
+        except Image.DecompressionBombError as err:  # a header far beyond PIL's own limit
+            limit = f"over the limit of {max_pixels:,} pixels"
+            raise ImageError(name, f"image is too large to decode (decompression bomb?), {limit}") from err
+        except UnidentifiedImageError as err:
             raise ImageError(name, "not a recognised image format") from err
         except (OSError, SyntaxError, ValueError) as err:
             raise ImageError(name, f"image data is corrupt or truncated ({err})") from err
@@ -132,7 +139,9 @@ def composite_on_white(image: Image.Image) -> Image.Image:
         image = image.convert("RGBA")
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if array.max(initial=0) > 255 else 255.0
+        peak = array.max(initial=0)
+        # 16-bit, 8-bit, or floats in [0, 1] (as arrays are read, see _array_to_image)
+        top = 65535.0 if peak > 255 else 1.0 if image.mode == "F" and peak <= 1.0 else 255.0
         image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
@@ -196,8 +205,11 @@ def _restroke(square: np.ndarray, raster: int) -> np.ndarray:
 
     work = WORK_SCALE * raster
     grey = np.asarray(Image.fromarray(square).resize((work, work), Image.Resampling.BOX), dtype=np.uint8)
-    # Midway between the darkest ink and white: faint, thin strokes survive the reduction.
-    ink = grey < (int(grey.min()) + 255) / 2
+    # Midway between the ink's typical darkness and white: faint, thin strokes survive the reduction
+    # (the darkest pixel alone can be a lone dot where thin strokes cross, leaving the rest behind).
+    dark = grey[grey < INK_THRESHOLD]
+    level = float(np.median(dark)) if dark.size else float(grey.min())
+    ink = grey < (level + 255) / 2
     change = int(round(STROKE_WIDTH * WORK_SCALE - stroke_width(ink)))
     mask = Image.fromarray(np.where(ink, 0, 255).astype(np.uint8))
     if change > 0:  # dilate the (dark) ink

