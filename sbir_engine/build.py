@@ -203,7 +203,9 @@ class FaissTarget:
         meta.setdefault("trained_count", n)
         report.factory, report.search_parameter, report.recall_at_10 = factory, (name, value), recall
         report.memory_bytes = memory
-        if report.added or report.updated or report.removed:
+        if (
+            report.updated or report.removed or (report.added and report.unchanged)
+        ):  # an update, not a first build
             report.notes.append(f"FAISS index {how}")
         report.total = n
         report.seconds = time.perf_counter() - report.started

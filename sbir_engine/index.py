@@ -88,6 +88,19 @@ class VectorStore(Protocol):
         """Drop entries by id; returns how many were there."""
 
 
+def _search_threads(index: faiss.Index, queries: np.ndarray, k: int, params) -> tuple[np.ndarray, np.ndarray]:
+    """Search one query on one OpenMP thread: on 2 cores FAISS's threads made a single query slower
+    and, spinning afterwards, slowed the network too (BENCHMARKS.md). Batches keep every thread."""
+    if len(queries) != 1:
+        return index.search(queries, k, params=params)
+    previous = faiss.omp_get_max_threads()  # a per-thread setting: other threads are unaffected
+    faiss.omp_set_num_threads(1)
+    try:
+        return index.search(queries, k, params=params)
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
 def default_memory_budget() -> int:
     """The index's share of this machine's memory: 1/4 of RAM (6 GiB on a 24 GiB machine)."""
     return int(_total_memory() * DEFAULT_MEMORY_FRACTION)
@@ -399,7 +412,7 @@ class GalleryIndex:
                 [self._ids_with_label(label) for label in labels] or [np.zeros(0, np.int64)]
             )
             params = self._search_parameters(faiss.IDSelectorBatch(allowed))
-        scores, ids = self.index.search(queries, depth, params=params)
+        scores, ids = _search_threads(self.index, queries, depth, params)
         if refine:
             scores, ids = refine_exact(queries, scores, ids, self.vectors, self._rows_of, k)
         return scores, ids

@@ -89,6 +89,22 @@ def contrastive_trainer(model: SketchModel) -> keras.Model:
     return keras.Model(features, {"probabilities": probabilities, "unit_embedding": unit})
 
 
+def compiled_trainer(model: SketchModel) -> keras.Model:
+    """The head with its two losses: cross-entropy on the classes, contrastive on the embedding."""
+    config = model.config
+    trainer = contrastive_trainer(model)
+    trainer.compile(
+        optimizer=keras.optimizers.Adam(config.learning_rate),
+        loss={
+            "probabilities": "categorical_crossentropy",
+            "unit_embedding": supervised_contrastive_loss(config),
+        },
+        loss_weights={"probabilities": 1.0, "unit_embedding": config.contrastive_weight},
+        weighted_metrics={"probabilities": ["accuracy"]},
+    )
+    return trainer
+
+
 def supervised_contrastive_loss(config: EngineConfig):
     """Supervised contrastive loss (Khosla et al., 2020) over a batch of unit embeddings.
 
@@ -179,16 +195,7 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     labels_train = keras.utils.to_categorical(y_train, n)
     labels_val = keras.utils.to_categorical(y_val, n)
-    trainer = contrastive_trainer(model)
-    trainer.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate),
-        loss={
-            "probabilities": "categorical_crossentropy",
-            "unit_embedding": supervised_contrastive_loss(config),
-        },
-        loss_weights={"probabilities": 1.0, "unit_embedding": config.contrastive_weight},
-        weighted_metrics={"probabilities": ["accuracy"]},
-    )
+    trainer = compiled_trainer(model)
     history = trainer.fit(
         x_train,
         {"probabilities": labels_train, "unit_embedding": labels_train},

@@ -477,7 +477,7 @@ def bench_training(
 
     from sbir_engine.config import EngineConfig
     from sbir_engine.model import build_model
-    from sbir_engine.train import contrastive_trainer, domain_balanced_weights, supervised_contrastive_loss
+    from sbir_engine.train import compiled_trainer, domain_balanced_weights
 
     config = EngineConfig(backbone=backbone)
     batch_size = batch_size or config.batch_size
@@ -491,16 +491,7 @@ def bench_training(
     xv = np.maximum(rng.standard_normal((val_rows, dim)).astype(np.float32), 0)
     yv = keras.utils.to_categorical(rng.integers(0, n_classes, val_rows), n_classes)
     domains = ["sketch" if i % 3 else "photo" for i in range(rows)]
-    trainer = contrastive_trainer(model)
-    trainer.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate),
-        loss={
-            "probabilities": "categorical_crossentropy",
-            "unit_embedding": supervised_contrastive_loss(config),
-        },
-        loss_weights={"probabilities": 1.0, "unit_embedding": config.contrastive_weight},
-        weighted_metrics={"probabilities": ["accuracy"]},
-    )
+    trainer = compiled_trainer(model)
     times: list[float] = []
 
     class EpochTimer(keras.callbacks.Callback):
