@@ -88,6 +88,14 @@ class VectorStore(Protocol):
         """Drop entries by id; returns how many were there."""
 
 
+def query_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
+    """Query vectors as a contiguous float32 (n, dim) matrix, or a clear error."""
+    queries = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+    if queries.shape[1] != dim:
+        raise ValueError(f"query vectors have dimension {queries.shape[1]}, the index holds {dim}")
+    return queries
+
+
 def _search_threads(index: faiss.Index, queries: np.ndarray, k: int, params) -> tuple[np.ndarray, np.ndarray]:
     """Search one query on one OpenMP thread: on 2 cores FAISS's threads made a single query slower
     and, spinning afterwards, slowed the network too (BENCHMARKS.md). Batches keep every thread."""
@@ -400,9 +408,7 @@ class GalleryIndex:
         self, vectors: np.ndarray, k: int, labels: list[str] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Cosine scores and ids of the k nearest entries (id -1 where fewer exist)."""
-        queries = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
-        if queries.shape[1] != self.dim:
-            raise ValueError(f"query vectors have dimension {queries.shape[1]}, the index holds {self.dim}")
+        queries = query_matrix(vectors, self.dim)
         k = max(1, min(int(k), max(len(self), 1)))
         refine = refine_factor(self.factory)
         depth = min(k * refine, max(len(self), 1)) if refine else k

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .index import Entry, GalleryIndex, IndexFormatError
+from .index import Entry, GalleryIndex, IndexFormatError, query_matrix
 
 DEFAULT_COLLECTION = "sbir_gallery"
 META_PROPERTY = "sbir.meta"
@@ -174,9 +174,7 @@ class MilvusStore:
         self, vectors: np.ndarray, k: int, labels: list[str] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Cosine scores and ids of the k nearest rows (id -1 where fewer exist), as FAISS gives."""
-        queries = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
-        if queries.shape[1] != self.dim:
-            raise ValueError(f"query vectors have dimension {queries.shape[1]}, the index holds {self.dim}")
+        queries = query_matrix(vectors, self.dim)
         k = max(1, min(int(k), MAX_TOP_K))
         hits = self.client.search(
             self.collection,
