@@ -67,7 +67,7 @@ class BuildReport:
     full_rebuild_reason: str | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    started: float = field(default=0.0, repr=False)
+    started: float = field(default_factory=time.perf_counter, repr=False)  # the clock of `seconds`
 
     def summary(self) -> str:
         lines = []
@@ -228,11 +228,9 @@ def build_index(
     ``target`` is where the index lives: a :class:`FaissTarget` over ``index_dir`` by default,
     or a ``sbir_engine.milvus.MilvusTarget``.
     """
-    started = time.perf_counter()
     target = target or FaissTarget(index_dir, index_type, max_memory)
-    embedder = embedder or Embedder(load_model(model_dir))
     report = BuildReport(target.location)
-    report.started = started
+    embedder = embedder or Embedder(load_model(model_dir))
     store, fresh = None, False
     try:
         store = target.open()
@@ -270,11 +268,9 @@ def add_files(
     files from elsewhere are copied into ``<gallery>/<label>/`` first (see the module doc).
     A model other than the index's means a full rebuild, which the report says.
     """
-    started = time.perf_counter()
     target = target or FaissTarget(index_dir, keep_type=True)
-    store = target.open_existing()
     report = BuildReport(target.location)
-    report.started = started
+    store = target.open_existing()
     gallery = Path(store.meta["gallery_root"])
     model_dir = Path(model_dir) if model_dir else target.model_dir(store.meta)
     embedder = embedder or Embedder(load_model(model_dir))
@@ -301,11 +297,9 @@ def remove_files(
     The files stay in the gallery unless ``delete_files``; a later ``build-index`` rescan would
     index files that are still there again, which the report says.
     """
-    started = time.perf_counter()
     target = target or FaissTarget(index_dir, keep_type=True)
-    store = target.open_existing()
     report = BuildReport(target.location)
-    report.started = started
+    store = target.open_existing()
     gallery = Path(store.meta["gallery_root"])
     by_path = {entry.path: entry.id for entry in store.entries.values()}
     drop: dict[int, str] = {}
