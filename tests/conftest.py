@@ -86,5 +86,19 @@ def small_index(tmp_path_factory, small_run, small_gallery) -> Path:
 
 
 @pytest.fixture(scope="session")
+def other_run(tmp_path_factory, small_run) -> Path:
+    """The small run with its embedding bias nudged: another model of the same shape."""
+    from sbir_engine.model import load_model
+
+    out = tmp_path_factory.mktemp("other") / "run"
+    shutil.copytree(small_run, out)
+    model = load_model(out)
+    bias = model.classifier.get_layer("embedding").bias
+    bias.assign(bias.numpy() + 0.01)
+    model.save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def small_metrics(small_run) -> dict:
     return json.loads((small_run / "metrics.json").read_text())
