@@ -55,6 +55,20 @@ K = 10
 # ----------------------------------------------------------------------------------------------
 
 
+def train_row(part: str, name: str, t: dict) -> tuple[str, ...]:
+    """A table row for a head-training measurement."""
+    return (
+        part,
+        name,
+        f"{t['rows']:,} rows × {t['feature_dim']}",
+        "",
+        "",
+        f"{t['samples_per_s']:,.0f} rows/s",
+        "",
+        f"{t['median_epoch_s']:.2f} s/epoch → 100 epochs ≈ {t['estimated_100_epochs_s']:.0f} s",
+    )
+
+
 def median(values) -> float:
     values = [v for v in values if v is not None]
     return float(statistics.median(values)) if values else float("nan")
@@ -917,19 +931,7 @@ def table(results: dict) -> str:
                 )
             )
         if "train" in b:
-            t = b["train"]
-            rows.append(
-                (
-                    "train",
-                    name,
-                    f"{t['rows']:,} rows × {t['feature_dim']}",
-                    "",
-                    "",
-                    f"{t['samples_per_s']:,.0f} rows/s",
-                    "",
-                    f"{t['median_epoch_s']:.2f} s/epoch → 100 epochs ≈ {t['estimated_100_epochs_s']:.0f} s",
-                )
-            )
+            rows.append(train_row("train", name, b["train"]))
         if b.get("fastest_query_runtime"):
             rows.append(
                 (
@@ -977,19 +979,7 @@ def table(results: dict) -> str:
                 f"bare {e['bare_img_s']:.1f} img/s",
             )
         )
-        t = g["train"]
-        rows.append(
-            (
-                "gpu train",
-                name,
-                f"{t['rows']:,} rows × {t['feature_dim']}",
-                "",
-                "",
-                f"{t['samples_per_s']:,.0f} rows/s",
-                "",
-                f"{t['median_epoch_s']:.2f} s/epoch → 100 epochs ≈ {t['estimated_100_epochs_s']:.0f} s",
-            )
-        )
+        rows.append(train_row("gpu train", name, g["train"]))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in rows
