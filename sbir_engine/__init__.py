@@ -32,6 +32,7 @@ _EXPORTS = {
     "build_model": "model",
     "load_model": "model",
     "SketchModel": "model",
+    "pretrain_backbone": "pretrain",
     "train": "train",
     "Embedder": "embed",
     "embed_images": "embed",

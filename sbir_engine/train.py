@@ -29,10 +29,45 @@ from .model import EMBEDDING_LAYER, PROBABILITIES_LAYER, SketchModel, build_mode
 FILL = {"fill_mode": "constant", "fill_value": 255.0}
 
 
-def make_augmenter(config: EngineConfig) -> keras.Sequential:
-    """The original system's augmentation (zoom 0.15, shifts 0.2, shear 0.15) as Keras layers."""
+class RandomStrokeWidth(keras.layers.Layer):
+    """Thicken or thin dark ink on white paper by 0..``pixels`` pixels, chosen per image.
+
+    A min filter over a (2p+1)² window spreads the ink, a max filter eats into it; backend-neutral
+    (``keras.ops``), like the other augmentation layers.
+    """
+
+    def __init__(self, pixels: int, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.pixels = pixels
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=True):
+        if not training or self.pixels <= 0:
+            return images
+        ops = keras.ops
+        shape = (ops.shape(images)[0], 1, 1, 1)
+        # -p..p: negative thins, positive thickens; applied as p filters of width 3.
+        steps = keras.random.randint(shape, -self.pixels, self.pixels + 1, seed=self.seed_generator)
+        out = images
+        for step in range(1, self.pixels + 1):
+            thicker = -ops.max_pool(-out, 3, 1, "same")
+            thinner = ops.max_pool(out, 3, 1, "same")
+            out = ops.where(steps >= step, thicker, ops.where(steps <= -step, thinner, out))
+        return out
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "pixels": self.pixels}
+
+
+def make_augmenter(config: EngineConfig, sketches: bool = False) -> keras.Sequential:
+    """The original system's augmentation (zoom 0.15, shifts 0.2, shear 0.15) as Keras layers,
+    plus random horizontal mirroring (``config.random_flip``) and, for sketches, stroke width."""
+    flip = [keras.layers.RandomFlip("horizontal")] if config.random_flip else []
+    strokes = [RandomStrokeWidth(config.stroke_jitter)] if sketches and config.stroke_jitter else []
     return keras.Sequential(
-        [
+        strokes
+        + flip
+        + [
             keras.layers.RandomZoom(config.zoom, **FILL),
             keras.layers.RandomTranslation(config.shift, config.shift, **FILL),
             keras.layers.RandomShear(config.shear, config.shear, **FILL),
@@ -44,11 +79,19 @@ def make_augmenter(config: EngineConfig) -> keras.Sequential:
 def backbone_features(
     model: SketchModel, samples: list[Sample], views: int, augment: bool, description: str
 ) -> tuple[np.ndarray, list[Sample]]:
-    """Features (n_ok, views, dim) of each readable sample, cached on disk by content and settings."""
+    """Features (n_ok, views, dim) of each readable sample, cached on disk by content and settings.
+
+    Without augmentation the features are the engine's own: averaged with the mirror image's
+    under ``config.test_time_mirror``, as the serving model does.
+    """
     config = model.config
+    mirror = config.test_time_mirror and not augment
+    sketches = all(s.domain == "sketch" for s in samples)
     key = hashlib.sha256()
     key.update(model_fingerprint(model.backbone, config).encode())
-    key.update(json.dumps([views, augment, config.seed, config.zoom, config.shift, config.shear]).encode())
+    augmentation = [config.seed, config.zoom, config.shift, config.shear, config.random_flip]
+    augmentation.append(config.stroke_jitter if sketches else 0)
+    key.update(json.dumps([views, augment, mirror, augmentation]).encode())
     for sample in samples:
         stat = sample.path.stat()
         key.update(f"{sample.path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
@@ -58,7 +101,7 @@ def backbone_features(
         stored = np.load(cache, allow_pickle=False)
         return stored["features"], [by_path[Path(p)] for p in stored["paths"]]
 
-    augmenter = make_augmenter(config)
+    augmenter = make_augmenter(config, sketches)
     size = config.image_size
     chunks, kept = [], []
     with progress_bar() as progress:
@@ -70,7 +113,11 @@ def backbone_features(
                 per_view = []
                 for _ in range(views):
                     images = augmenter(batch.arrays, training=True) if augment else batch.arrays
-                    per_view.append(model.backbone.predict_on_batch(images))
+                    features = np.asarray(model.backbone.predict_on_batch(images))
+                    if mirror:
+                        mirrored = model.backbone.predict_on_batch(images[:, :, ::-1])
+                        features = (features + np.asarray(mirrored)) / 2
+                    per_view.append(features)
                 chunks.append(np.stack([np.asarray(v) for v in per_view], axis=1))
                 kept.extend(by_path[p] for p in batch.paths)
             progress.advance(task, len(batch.paths) + len(batch.failures))

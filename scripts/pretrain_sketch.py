@@ -1,6 +1,8 @@
-"""Sketch-domain pre-training of the EfficientNet-Lite2 backbone on all 345 QuickDraw categories.
+"""The GPU route of sketch-domain pre-training: the whole EfficientNet-Lite2 on all 345 categories.
 
-Two steps, because the GPU machine has no TensorFlow, no network and no ../shared:
+On CPUs, `sbir-engine pretrain` adapts the backbone's top blocks (sbir_engine/pretrain.py). This
+script trains every block on a lent GPU machine, in two steps, because that machine has no
+TensorFlow, no network and no ../shared:
 
     # here (CPU): pack what the GPU run needs into .carry/ (bitmaps, photos, ImageNet weights, wheels)
     python scripts/pretrain_sketch.py prepare --data data --carry .carry
@@ -230,70 +232,6 @@ def train(
     print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=2))
 
 
-def train_top(
-    carry: Path, out: Path, cut: str, epochs: int, batch: int, learning_rate: float, limit: int = 0
-) -> None:
-    """The CPU route: adapt only the blocks above ``cut``, on cached activations of the blocks below.
-
-    The frozen lower blocks run once per image (no augmentation), and the top blocks — at 6×6
-    resolution, a fraction of the network's cost — train on the cached activations.
-    """
-    import keras
-
-    from sbir_engine.backbones import build_backbone, save_npz_weights, unfreeze_top
-    from sbir_engine.config import EngineConfig
-    from sbir_engine.embed import progress_bar
-
-    started = time.perf_counter()
-    config = EngineConfig()
-    source = carry / "pretrain"
-    images, labels, val_images, val_labels, categories, _ = load_images(source, config.image_size, limit)
-    backbone = build_backbone("efficientnet-lite2", config.input_shape, source / "lite2-imagenet.npz")
-    lower = keras.Model(backbone.input, backbone.get_layer(cut).output)
-    upper = keras.Model(backbone.get_layer(cut).output, backbone.output)
-
-    def activations(array: np.ndarray, description: str) -> np.ndarray:
-        out = np.empty((len(array),) + tuple(lower.output.shape[1:]), np.float16)
-        with progress_bar() as progress:
-            task = progress.add_task(description, total=len(array))
-            for i in range(0, len(array), 64):
-                out[i : i + 64] = np.asarray(lower.predict_on_batch(array[i : i + 64].astype(np.float32)))
-                progress.advance(task, len(array[i : i + 64]))
-        return out
-
-    x_train, x_val = activations(images, "lower blocks"), activations(val_images, "lower blocks (val)")
-    del images
-    trainable = unfreeze_top(backbone, 1000)
-    inputs = keras.Input(upper.input.shape[1:])
-    features = upper(inputs)
-    outputs = keras.layers.Dense(len(categories), activation="softmax")(keras.layers.Dropout(0.2)(features))
-    model = keras.Model(inputs, outputs)
-    model.compile(
-        keras.optimizers.Adam(learning_rate), "sparse_categorical_crossentropy", metrics=["accuracy"]
-    )
-    history = model.fit(
-        x_train,
-        labels,
-        validation_data=(x_val, val_labels),
-        epochs=epochs,
-        batch_size=batch,
-        shuffle=True,
-        verbose=2,
-    ).history
-    out.mkdir(parents=True, exist_ok=True)
-    weights = {layer.name: layer.get_weights() for layer in backbone.layers if layer.weights}
-    save_npz_weights(weights, out / "lite2-sketch345.npz")
-    report = {
-        "cut": cut,
-        "trainable_layers": len(trainable),
-        "training_images": int(len(x_train)),
-        "history": {k: [float(v) for v in vs] for k, vs in history.items()},
-        "seconds": time.perf_counter() - started,
-    }
-    (out / "pretrain.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
-
-
 def benchmark_backbones(config, batch: int = 128, steps: int = 20) -> dict:
     """Full-training and inference img/s of each backbone with the 512/N head (random weights)."""
     import keras
@@ -351,19 +289,9 @@ def main() -> None:
     t.add_argument("--no-augment", dest="augment", action="store_false")
     t.add_argument("--bench", action="store_true", help="also time both backbones' training and inference")
     t.add_argument("--limit", type=int, default=0, help="train on this many random images (smoke run)")
-    c = sub.add_parser("train-top", help="CPU route: adapt the top blocks on cached activations")
-    c.add_argument("--carry", type=Path, default=Path(".carry"))
-    c.add_argument("--out", type=Path, required=True)
-    c.add_argument("--cut", default="block18_add")
-    c.add_argument("--epochs", type=int, default=3)
-    c.add_argument("--batch", type=int, default=128)
-    c.add_argument("--learning-rate", type=float, default=3e-4)
-    c.add_argument("--limit", type=int, default=0)
     args = parser.parse_args()
     if args.step == "prepare":
         prepare(args.data, args.carry, args.photos_per_class)
-    elif args.step == "train-top":
-        train_top(args.carry, args.out, args.cut, args.epochs, args.batch, args.learning_rate, args.limit)
     else:
         train(
             args.carry,

@@ -8,7 +8,9 @@ import pytest
 
 from sbir_engine.config import EngineConfig
 from sbir_engine.embed import Embedder
+from sbir_engine.images import load_rgb
 from sbir_engine.model import build_model, load_model
+from sbir_engine.train import RandomStrokeWidth
 
 
 def count(weights) -> int:
@@ -47,13 +49,51 @@ def test_saved_model_loads_safely_and_embeds(small_run, small_dataset):
     assert vectors.shape == (6, 512) and probabilities.shape == (6, 5)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
-    # The serving path agrees with the saved Keras classifier it is built from.
-    direct = np.asarray(
-        model.classifier.predict(np.stack([embedder.load_image(p) for p in paths]), verbose=0)
+    # The serving path is the saved classifier's head on the mean of the image's and its mirror
+    # image's backbone features (config.test_time_mirror).
+    images = np.stack([embedder.load_image(p) for p in paths])
+    features = model.backbone.predict(images, verbose=0) + model.backbone.predict(
+        images[:, :, ::-1], verbose=0
     )
+    direct = np.asarray(model.head.predict(features / 2, verbose=0))
     np.testing.assert_allclose(probabilities, direct, atol=1e-5)
+
+
+def test_serving_sees_an_image_and_its_mirror_image_alike(small_run, small_dataset):
+    images = np.stack(
+        [load_rgb(p, 180) for p in sorted((small_dataset / "sketch" / "test" / "cat").iterdir())[:3]]
+        + [load_rgb(p, 180) for p in sorted((small_dataset / "photo" / "test" / "fish").iterdir())[:2]]
+    )
+    mirrored = images[:, :, ::-1]
+    embedder = Embedder(load_model(small_run))
+    for got, want in zip(embedder(mirrored), embedder(images), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    # Without it, the engine is the plain classifier, and a mirror image is another input.
+    model = load_model(small_run)
+    model.config = model.config.replace(test_time_mirror=False)
+    plain = Embedder(model)
+    vectors, probabilities = plain(images)
+    np.testing.assert_allclose(probabilities, model.classifier.predict(images, verbose=0), atol=1e-5)
+    assert np.abs(plain(mirrored)[0] - vectors).max() > 1e-3
 
 
 def test_missing_run_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="sbir-engine train"):
         load_model(tmp_path)
+
+
+def test_stroke_width_augmentation_thickens_and_thins_real_ink(small_dataset):
+    sketches = sorted((small_dataset / "sketch" / "train" / "cup").iterdir())[:6]
+    images = np.stack([load_rgb(p, 180) for p in sketches])
+    layer = RandomStrokeWidth(1, seed=0)
+    assert np.array_equal(np.asarray(layer(images, training=False)), images)
+    ink = (images < 128).sum(axis=(1, 2, 3))
+    seen = set()
+    for _ in range(8):  # each call picks thicker, thinner or unchanged per image
+        out = np.asarray(layer(images, training=True))
+        assert out.shape == images.shape and out.min() >= 0 and out.max() <= 255
+        change = np.sign((out < 128).sum(axis=(1, 2, 3)) - ink)
+        unchanged = np.all(out == images, axis=(1, 2, 3))
+        assert np.all(unchanged == (change == 0))  # any change moves the amount of ink
+        seen.update(change.tolist())
+    assert seen == {-1, 0, 1}

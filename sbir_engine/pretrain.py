@@ -1,0 +1,163 @@
+"""Sketch-domain pre-training: adapt the backbone's top blocks to drawings before the head is trained.
+
+ImageNet features were learnt on photos, and the engine's classes have ~70 training drawings each.
+The QuickDraw package holds 345 categories × 100 drawings: teaching the top blocks to tell all of
+them apart gives the head features made for line drawings. The dataset's own training split (its
+sketches and capped photos) stands in for its classes, so their held-out drawings stay unseen and
+the backbone keeps its photo features.
+
+CPU route: the frozen blocks below ``cut`` run once per image and once per mirror image; the top
+blocks train on their cached activations (a mirrored or plain copy of each image per epoch) under
+a cosine-decaying learning rate. Batch normalisation stays frozen, as in fine-tuning.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from .backbones import build_backbone, save_npz_weights, unfreeze_top
+from .config import EngineConfig
+from .data import Sample, dataset_classes, load_split, quickdraw_categories, read_quickdraw_bitmaps
+from .embed import progress_bar, read_batches
+from .images import EmptySketchError, load_rgb, normalize_sketch, resize_to_array
+from .train import cap_per_class
+
+WEIGHTS_FILE = "backbone.npz"
+REPORT_FILE = "pretrain.json"
+# The highest block output that still has 12×12 resolution at 180 px: the blocks above it are a
+# quarter of the network's cost and are what the pre-training adapts.
+DEFAULT_CUTS = {"efficientnet-lite2": "block14_add", "resnet50": "conv4_block6_out"}
+
+
+def pretrain_backbone(
+    data_dir: Path,
+    out_dir: Path,
+    config: EngineConfig | None = None,
+    batch_size: int = 128,
+    cut: str | None = None,
+    drawings_per_category: int = 0,
+    categories: int = 0,
+    verbose: int = 2,
+) -> dict:
+    """Write ``out_dir/backbone.npz`` (for ``train --backbone-weights``) and return the report.
+
+    Epochs and learning rate come from ``config.pretrain_epochs`` / ``pretrain_learning_rate``.
+
+    ``drawings_per_category`` / ``categories`` (0 = all) shrink the run for quick checks.
+    """
+    started = time.perf_counter()
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    config = (config or EngineConfig()).replace(classes=dataset_classes(data_dir))
+    keras.utils.set_random_seed(config.seed)
+    epochs, learning_rate = config.pretrain_epochs, config.pretrain_learning_rate
+    tarball = Path(json.loads((data_dir / "dataset.json").read_text())["sources"]["quickdraw"])
+    others = [c for c in quickdraw_categories(tarball) if c not in config.classes]
+    if categories:
+        others = others[: max(0, categories - len(config.classes))]
+    names = sorted(set(others) | set(config.classes))
+    label_of = {name: i for i, name in enumerate(names)}
+
+    own = cap_per_class(load_split(data_dir, "train"), "photo", config.max_photos_per_class, config.seed)
+    val = load_split(data_dir, "val", ("sketch",))
+    backbone = build_backbone(config.backbone, config.input_shape, "imagenet")
+    cut = cut or DEFAULT_CUTS[config.backbone]
+    lower = keras.Model(backbone.input, backbone.get_layer(cut).output)
+    upper = keras.Model(backbone.get_layer(cut).output, backbone.output)
+
+    def activations(images: Iterator[np.ndarray], total: int, mirrored: bool, description: str):
+        out = np.empty((total,) + tuple(lower.output.shape[1:]), np.float16)
+        done = 0
+        with progress_bar() as progress:
+            task = progress.add_task(description, total=total)
+            for batch in images:
+                batch = batch[:, :, ::-1] if mirrored else batch
+                out[done : done + len(batch)] = np.asarray(lower.predict_on_batch(batch))
+                done += len(batch)
+                progress.advance(task, len(batch))
+        return out
+
+    drawings, labels = [], []
+    for category in others:  # normalised once, at 28 px: all 345 categories fit in ~30 MB
+        for bitmap in read_quickdraw_bitmaps(tarball, category)[: drawings_per_category or None]:
+            try:
+                drawings.append(normalize_sketch(bitmap, config.sketch_raster))
+            except EmptySketchError:
+                continue  # a blank drawing teaches nothing
+            labels.append(label_of[category])
+    own_images, own_labels = _read_samples(own, config, label_of)
+    labels = np.concatenate([np.array(labels, np.int64), own_labels])
+
+    def training_images() -> Iterator[np.ndarray]:
+        for start in range(0, len(drawings), 64):
+            yield np.stack([resize_to_array(d, config.image_size) for d in drawings[start : start + 64]])
+        for start in range(0, len(own_images), 64):
+            yield own_images[start : start + 64].astype(np.float32)
+
+    views = [
+        activations(training_images(), len(labels), mirrored, f"lower blocks{' (mirrored)' * mirrored}")
+        for mirrored in (False, True)
+    ]
+    val_images, y_val = _read_samples(val, config, label_of)
+    x_val = activations(iter([val_images.astype(np.float32)]), len(y_val), False, "lower blocks (validation)")
+    lowered = time.perf_counter() - started
+
+    trainable = unfreeze_top(backbone, 1000)
+    inputs = keras.Input(upper.input.shape[1:])
+    dropped = keras.layers.Dropout(0.2)(upper(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(len(names), activation="softmax")(dropped))
+    steps = epochs * -(-len(labels) // batch_size)
+    model.compile(
+        keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, steps)),
+        "sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    rng = np.random.default_rng(config.seed)
+    history: dict[str, list[float]] = {}
+    for _ in range(epochs):
+        mirrored = rng.random(len(labels)) < 0.5
+        x_train = np.where(mirrored[:, None, None, None], views[1], views[0])
+        logs = model.fit(
+            x_train, labels, validation_data=(x_val, y_val), batch_size=batch_size, verbose=verbose
+        ).history
+        for key, values in logs.items():
+            history.setdefault(key, []).extend(float(v) for v in values)
+
+    weights = {layer.name: layer.get_weights() for layer in backbone.layers if layer.weights}
+    save_npz_weights(weights, out_dir / WEIGHTS_FILE)
+    report = {
+        "backbone": config.backbone,
+        "cut": cut,
+        "adapted_layers": len(trainable),
+        "categories": len(names),
+        "training_images": int(len(labels)),
+        "own_training_images": len(own_labels),
+        "epochs": epochs,
+        "learning_rate": learning_rate,
+        "history": history,
+        "lower_blocks_seconds": round(lowered, 1),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _read_samples(
+    samples: list[Sample], config: EngineConfig, label_of: dict[str, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The dataset's images (uint8, as the network sees them) and labels; unreadable files are skipped."""
+    images, labels = [], []
+    load = partial(load_rgb, size=config.image_size)
+    for batch in read_batches([s.path for s in samples], load, 64):
+        for path, reason in batch.failures:
+            print(f"skipped {path}: {reason}")
+        images.extend(batch.arrays.astype(np.uint8))
+        labels.extend(label_of[path.parent.name] for path in batch.paths)
+    size = config.image_size
+    return np.array(images, np.uint8).reshape(-1, size, size, 3), np.array(labels, np.int64)

@@ -1,0 +1,48 @@
+"""Sketch-domain pre-training (`sbir-engine pretrain`) on a slice of the real QuickDraw categories."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from sbir_engine.backbones import build_backbone
+from sbir_engine.data import load_split
+from sbir_engine.pretrain import REPORT_FILE, WEIGHTS_FILE, pretrain_backbone
+from sbir_engine.train import cap_per_class
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, small_dataset, small_config):
+    out = tmp_path_factory.mktemp("pretrain")
+    config = small_config.replace(pretrain_epochs=1)
+    report = pretrain_backbone(small_dataset, out, config, drawings_per_category=8, categories=9, verbose=0)
+    return out, report, config
+
+
+def test_pretraining_adapts_only_the_top_blocks(pretrained):
+    out, report, config = pretrained
+    assert json.loads((out / REPORT_FILE).read_text()) == report
+    imagenet = build_backbone(config.backbone, config.input_shape, "imagenet")
+    adapted = build_backbone(config.backbone, config.input_shape, out / WEIGHTS_FILE)
+    changed = {
+        layer.name
+        for layer, before in zip(adapted.layers, imagenet.layers, strict=True)
+        if not all(map(np.array_equal, layer.get_weights(), before.get_weights()))
+    }
+    assert {"block15_expand_conv", "block20_project_conv", "top_conv"} <= changed
+    blocks = {int(m.group(1)) for name in changed if (m := re.match(r"block(\d+)_", name))}
+    assert min(blocks) == 15 and not any(name.startswith("stem") for name in changed)  # cut: block14_add
+    assert not any(name.endswith("_bn") for name in changed)  # batch-norm statistics stay ImageNet's
+
+
+def test_pretraining_sees_only_the_training_split_of_the_dataset(pretrained, small_dataset):
+    _, report, config = pretrained
+    own = cap_per_class(load_split(small_dataset, "train"), "photo", config.max_photos_per_class, config.seed)
+    others = report["categories"] - len(config.classes)
+    assert others == 4  # 9 categories: the 5 classes and the first 4 other QuickDraw categories
+    assert report["own_training_images"] == len(own)
+    assert report["training_images"] == others * 8 + len(own)
+    history = report["history"]
+    assert len(history["loss"]) == 1 and np.isfinite(history["loss"][0])
+    assert 0.0 <= history["val_accuracy"][0] <= 1.0
