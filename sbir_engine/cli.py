@@ -200,8 +200,13 @@ def train(
         float, typer.Option(help="Weight of the supervised contrastive term on the 512-d layer (0 = off).")
     ] = DEFAULTS.contrastive_weight,
     mirror: Annotated[
-        bool, typer.Option(help="Mirror training views at random and average each image with its mirror.")
-    ] = DEFAULTS.test_time_mirror,
+        bool | None,
+        typer.Option(
+            "--mirror/--no-mirror",
+            help="Mirror training views at random and average each image with its mirror image "
+            "(default: on for efficientnet-lite2, off for resnet50).",
+        ),
+    ] = None,
     stroke_jitter: Annotated[
         int, typer.Option(help="Thicken or thin training sketches' ink by up to N pixels (0 = off).")
     ] = DEFAULTS.stroke_jitter,
@@ -216,7 +221,7 @@ def train(
             epochs=epochs,
             seed=seed,
             contrastive_weight=contrastive_weight,
-            random_flip=mirror,
+            random_flip=mirror is not False,
             test_time_mirror=mirror,
             stroke_jitter=stroke_jitter,
         )

@@ -43,10 +43,10 @@ class SketchModel:
     def serving_model(self) -> keras.Model:
         """image → (embedding before normalisation, probabilities) in one forward pass.
 
-        With ``config.test_time_mirror`` the backbone sees each image and its mirror image in one
+        With ``config.mirror`` the backbone sees each image and its mirror image in one
         batch of 2n, and the head reads the mean of the two feature vectors.
         """
-        if not self.config.test_time_mirror:
+        if not self.config.mirror:
             embedding = self.classifier.get_layer(EMBEDDING_LAYER).output
             return keras.Model(self.classifier.input, [embedding, self.classifier.output], name="serving")
         ops = keras.ops
@@ -111,7 +111,7 @@ def model_fingerprint(model: keras.Model, config: EngineConfig) -> str:
                 "backbone": config.backbone,
                 "image_size": config.image_size,
                 "sketch_raster": config.sketch_raster,
-                "test_time_mirror": config.test_time_mirror,
+                "mirror": config.mirror,
                 "classes": list(config.classes),
                 "preprocessing": PREPROCESSING_VERSION,
             },

@@ -64,7 +64,7 @@ def pretrain_backbone(
     names = sorted(set(others) | set(config.classes))
     label_of = {name: i for i, name in enumerate(names)}
 
-    own = cap_per_class(load_split(data_dir, "train"), "photo", config.max_photos_per_class, config.seed)
+    own = cap_per_class(load_split(data_dir, "train"), "photo", config.pretrain_photos_per_class, config.seed)
     val = load_split(data_dir, "val", ("sketch",))
     backbone = build_backbone(config.backbone, config.input_shape, "imagenet")
     cut = cut or DEFAULT_CUTS[config.backbone]

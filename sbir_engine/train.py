@@ -82,10 +82,10 @@ def backbone_features(
     """Features (n_ok, views, dim) of each readable sample, cached on disk by content and settings.
 
     Without augmentation the features are the engine's own: averaged with the mirror image's
-    under ``config.test_time_mirror``, as the serving model does.
+    under ``config.mirror``, as the serving model does.
     """
     config = model.config
-    mirror = config.test_time_mirror and not augment
+    mirror = config.mirror and not augment
     sketches = all(s.domain == "sketch" for s in samples)
     key = hashlib.sha256()
     key.update(model_fingerprint(model.backbone, config).encode())

@@ -50,7 +50,7 @@ def test_saved_model_loads_safely_and_embeds(small_run, small_dataset):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
     # The serving path is the saved classifier's head on the mean of the image's and its mirror
-    # image's backbone features (config.test_time_mirror).
+    # image's backbone features (config.mirror, on by default for Lite2).
     images = np.stack([embedder.load_image(p) for p in paths])
     features = model.backbone.predict(images, verbose=0) + model.backbone.predict(
         images[:, :, ::-1], verbose=0

@@ -38,7 +38,9 @@ def test_pretraining_adapts_only_the_top_blocks(pretrained):
 
 def test_pretraining_sees_only_the_training_split_of_the_dataset(pretrained, small_dataset):
     _, report, config = pretrained
-    own = cap_per_class(load_split(small_dataset, "train"), "photo", config.max_photos_per_class, config.seed)
+    own = cap_per_class(
+        load_split(small_dataset, "train"), "photo", config.pretrain_photos_per_class, config.seed
+    )
     others = report["categories"] - len(config.classes)
     assert others == 4  # 9 categories: the 5 classes and the first 4 other QuickDraw categories
     assert report["own_training_images"] == len(own)
