@@ -32,8 +32,8 @@ FILL = {"fill_mode": "constant", "fill_value": 255.0}
 class RandomStrokeWidth(keras.layers.Layer):
     """Thicken or thin dark ink on white paper by 0..``pixels`` pixels, chosen per image.
 
-    A min filter over a (2p+1)² window spreads the ink, a max filter eats into it; backend-neutral
-    (``keras.ops``), like the other augmentation layers.
+    Each step is a 3×3 min filter (spreads the dark ink by a pixel a side) or max filter (eats into
+    it); backend-neutral (``keras.ops``), like the other augmentation layers.
     """
 
     def __init__(self, pixels: int, seed: int | None = None, **kwargs):
@@ -46,7 +46,7 @@ class RandomStrokeWidth(keras.layers.Layer):
             return images
         ops = keras.ops
         shape = (ops.shape(images)[0], 1, 1, 1)
-        # -p..p: negative thins, positive thickens; applied as p filters of width 3.
+        # One draw in -p..p per image: negative thins, positive thickens, by that many steps.
         steps = keras.random.randint(shape, -self.pixels, self.pixels + 1, seed=self.seed_generator)
         out = images
         for step in range(1, self.pixels + 1):
