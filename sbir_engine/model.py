@@ -54,9 +54,7 @@ class SketchModel:
         both = ops.concatenate([image, ops.flip(image, axis=2)], axis=0)
         features = self.backbone(both, training=False)
         features = ops.mean(ops.reshape(features, (2, -1, features.shape[-1])), axis=0)
-        embedding = self.classifier.get_layer(EMBEDDING_LAYER)(self.classifier.get_layer("flatten")(features))
-        probabilities = self.classifier.get_layer(PROBABILITIES_LAYER)(embedding)
-        return keras.Model(image, [embedding, probabilities], name="serving")
+        return keras.Model(image, list(apply_head(self.classifier, features)), name="serving")
 
     def fingerprint(self) -> str:
         return model_fingerprint(self.classifier, self.config)
@@ -96,10 +94,15 @@ def load_model(run_dir: Path) -> SketchModel:
     classifier = keras.models.load_model(path, safe_mode=True, compile=False)
     backbone = next(layer for layer in classifier.layers if isinstance(layer, keras.Model))
     features = keras.Input((FEATURE_DIMS[config.backbone],), name="features")
-    x = classifier.get_layer("flatten")(features)
-    x = classifier.get_layer(EMBEDDING_LAYER)(x)
-    head = keras.Model(features, classifier.get_layer(PROBABILITIES_LAYER)(x), name="head")
+    head = keras.Model(features, apply_head(classifier, features)[1], name="head")
     return SketchModel(config, classifier, backbone, head)
+
+
+def apply_head(source: keras.Model, features):
+    """The head's layers, taken from ``source`` (the classifier or the head), on backbone features:
+    (embedding before normalisation, probabilities)."""
+    embedding = source.get_layer(EMBEDDING_LAYER)(source.get_layer("flatten")(features))
+    return embedding, source.get_layer(PROBABILITIES_LAYER)(embedding)
 
 
 def model_fingerprint(model: keras.Model, config: EngineConfig) -> str:

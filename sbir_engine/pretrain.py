@@ -71,17 +71,18 @@ def pretrain_backbone(
     lower = keras.Model(backbone.input, backbone.get_layer(cut).output)
     upper = keras.Model(backbone.get_layer(cut).output, backbone.output)
 
-    def activations(images: Iterator[np.ndarray], total: int, mirrored: bool, description: str):
-        out = np.empty((total,) + tuple(lower.output.shape[1:]), np.float16)
+    def activations(images: Iterator[np.ndarray], total: int, description: str, mirror: bool = False):
+        """Lower-block activations of each batch, and with ``mirror`` of its mirror image too."""
+        outs = [np.empty((total,) + tuple(lower.output.shape[1:]), np.float16) for _ in range(1 + mirror)]
         done = 0
         with progress_bar() as progress:
             task = progress.add_task(description, total=total)
             for batch in images:
-                batch = batch[:, :, ::-1] if mirrored else batch
-                out[done : done + len(batch)] = np.asarray(lower.predict_on_batch(batch))
+                for out, view in zip(outs, (batch, batch[:, :, ::-1]), strict=False):
+                    out[done : done + len(batch)] = np.asarray(lower.predict_on_batch(view))
                 done += len(batch)
                 progress.advance(task, len(batch))
-        return out
+        return outs
 
     drawings, labels = [], []
     for category in others:  # normalised once, at 28 px: all 345 categories fit in ~30 MB
@@ -100,12 +101,9 @@ def pretrain_backbone(
         for start in range(0, len(own_images), 64):
             yield own_images[start : start + 64].astype(np.float32)
 
-    views = [
-        activations(training_images(), len(labels), mirrored, f"lower blocks{' (mirrored)' * mirrored}")
-        for mirrored in (False, True)
-    ]
+    views = activations(training_images(), len(labels), "lower blocks (as is and mirrored)", mirror=True)
     val_images, y_val = _read_samples(val, config, label_of)
-    x_val = activations(iter([val_images.astype(np.float32)]), len(y_val), False, "lower blocks (validation)")
+    [x_val] = activations(iter([val_images.astype(np.float32)]), len(y_val), "lower blocks (validation)")
     lowered = time.perf_counter() - started
 
     trainable = unfreeze_top(backbone, 1000)

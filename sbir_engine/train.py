@@ -23,7 +23,7 @@ from .data import DataError, Sample, dataset_classes, load_split
 from .embed import progress_bar, read_batches
 from .images import load_rgb
 from .metrics import confusion_matrix, plot_confusion, plot_history, top_k_accuracy
-from .model import EMBEDDING_LAYER, PROBABILITIES_LAYER, SketchModel, build_model, model_fingerprint
+from .model import SketchModel, apply_head, build_model, model_fingerprint
 
 # Sketches are white paper: augmentation fills uncovered borders with white, not mirrored ink.
 FILL = {"fill_mode": "constant", "fill_value": 255.0}
@@ -118,7 +118,7 @@ def backbone_features(
                         mirrored = model.backbone.predict_on_batch(images[:, :, ::-1])
                         features = (features + np.asarray(mirrored)) / 2
                     per_view.append(features)
-                chunks.append(np.stack([np.asarray(v) for v in per_view], axis=1))
+                chunks.append(np.stack(per_view, axis=1))
                 kept.extend(by_path[p] for p in batch.paths)
             progress.advance(task, len(batch.paths) + len(batch.failures))
     features = np.concatenate(chunks).astype(np.float32)
@@ -130,8 +130,7 @@ def backbone_features(
 def contrastive_trainer(model: SketchModel) -> keras.Model:
     """The head with a second output, the unit-length embedding, for the metric-learning term."""
     features = keras.Input(model.head.input.shape[1:], name="features")
-    embedding = model.head.get_layer(EMBEDDING_LAYER)(model.head.get_layer("flatten")(features))
-    probabilities = model.head.get_layer(PROBABILITIES_LAYER)(embedding)
+    embedding, probabilities = apply_head(model.head, features)
     unit = keras.layers.UnitNormalization(name="unit_embedding")(embedding)
     return keras.Model(features, {"probabilities": probabilities, "unit_embedding": unit})
 
