@@ -40,6 +40,7 @@ _EXPORTS = {
     "add_files": "build",
     "remove_files": "build",
     "BuildReport": "build",
+    "IndexBusyError": "build",
     "GalleryIndex": "index",
     "IndexFormatError": "index",
     "SketchEngine": "engine",

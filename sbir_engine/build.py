@@ -19,7 +19,8 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,44 @@ from .index import (
     tune_search,
 )
 from .model import load_model
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one writer at a time is then the user's to keep
+    fcntl = None
+
+
+class IndexBusyError(RuntimeError):
+    """Another build, add or remove is writing the same index."""
+
+
+_held_locks: set[Path] = set()  # re-entrant within a process: add_files may call build_index
+
+
+@contextmanager
+def writer_lock(target) -> Iterator[None]:
+    """One writer at a time per index: two builds that both read the old index would each write
+    their own update, and the last would silently drop the other's files. A second writer fails
+    at once with a message that says why. Readers (queries) never wait: commits are atomic swaps.
+    """
+    path = getattr(target, "lock_path", None)
+    if path is None or fcntl is None or path in _held_locks:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IndexBusyError(
+                f"{target.location}: another build-index, index add or index remove is writing this index "
+                "right now; run this again when it has finished"
+            ) from None
+        _held_locks.add(path)
+        try:
+            yield
+        finally:
+            _held_locks.discard(path)
 
 
 @dataclass
@@ -147,6 +186,11 @@ class FaissTarget:
         """The folder the model's relative path is stored against."""
         return self.index_dir
 
+    @property
+    def lock_path(self) -> Path:
+        """Beside the folder, not in it: the folder itself is replaced when a build commits."""
+        return self.index_dir.parent / f".{self.index_dir.name}.lock"
+
     def open(self) -> GalleryIndex | None:
         return GalleryIndex.load(self.index_dir) if index_exists(self.index_dir) else None
 
@@ -229,28 +273,31 @@ def build_index(
     or a ``sbir_engine.milvus.MilvusTarget``.
     """
     target = target or FaissTarget(index_dir, index_type, max_memory)
-    report = BuildReport(target.location)
-    embedder = embedder or Embedder(load_model(model_dir))
-    store, fresh = None, False
-    try:
-        store = target.open()
-    except IndexFormatError as err:
-        report.full_rebuild_reason = f"the previous index cannot be used ({err})"
-    if store is not None and store.meta["model"]["fingerprint"] != embedder.model.fingerprint():
-        report.full_rebuild_reason = (
-            "the model differs from the one that built the previous index: every image is embedded again"
+    with writer_lock(target):
+        report = BuildReport(target.location)
+        embedder = embedder or Embedder(load_model(model_dir))
+        store, fresh = None, False
+        try:
+            store = target.open()
+        except IndexFormatError as err:
+            report.full_rebuild_reason = f"the previous index cannot be used ({err})"
+        if store is not None and store.meta["model"]["fingerprint"] != embedder.model.fingerprint():
+            report.full_rebuild_reason = (
+                "the model differs from the one that built the previous index: every image is embedded again"
+            )
+            fresh = True
+        elif store is not None and full:
+            report.full_rebuild_reason = "asked for (--full): every image is embedded again"
+            fresh = True
+        if store is not None and not fresh and Path(store.meta["gallery_root"]) != Path(gallery).resolve():
+            report.notes.append(
+                f"the gallery moved from {store.meta['gallery_root']} to {Path(gallery).resolve()}: "
+                "entries are matched by relative path and content hash, so nothing unchanged is embedded"
+            )
+        files = scan_gallery(gallery)
+        return _update(
+            target, store, files, report, embedder, model_dir, gallery, batch_size, True, fresh=fresh
         )
-        fresh = True
-    elif store is not None and full:
-        report.full_rebuild_reason = "asked for (--full): every image is embedded again"
-        fresh = True
-    if store is not None and not fresh and Path(store.meta["gallery_root"]) != Path(gallery).resolve():
-        report.notes.append(
-            f"the gallery moved from {store.meta['gallery_root']} to {Path(gallery).resolve()}: "
-            "entries are matched by relative path and content hash, so nothing unchanged is embedded"
-        )
-    files = scan_gallery(gallery)
-    return _update(target, store, files, report, embedder, model_dir, gallery, batch_size, True, fresh=fresh)
 
 
 def add_files(
@@ -269,24 +316,25 @@ def add_files(
     A model other than the index's means a full rebuild, which the report says.
     """
     target = target or FaissTarget(index_dir, keep_type=True)
-    report = BuildReport(target.location)
-    store = target.open_existing()
-    gallery = Path(store.meta["gallery_root"])
-    model_dir = Path(model_dir) if model_dir else target.model_dir(store.meta)
-    embedder = embedder or Embedder(load_model(model_dir))
-    files, copied = _stage(paths, gallery, label, report)
-    if store.meta["model"]["fingerprint"] != embedder.model.fingerprint():
-        rebuilt = build_index(
-            model_dir, gallery, None, batch_size=batch_size, embedder=embedder, target=target
-        )
-        rebuilt.failed[:0] = report.failed
-        return rebuilt
-    report = _update(target, store, files, report, embedder, model_dir, gallery, batch_size, False)
-    failed = {path for path, _ in report.failed}
-    for relative, destination in copied.items():
-        if relative in failed:  # a copy that could not be indexed does not stay in the gallery
-            destination.unlink(missing_ok=True)
-    return report
+    with writer_lock(target):
+        report = BuildReport(target.location)
+        store = target.open_existing()
+        gallery = Path(store.meta["gallery_root"])
+        model_dir = Path(model_dir) if model_dir else target.model_dir(store.meta)
+        embedder = embedder or Embedder(load_model(model_dir))
+        files, copied = _stage(paths, gallery, label, report)
+        if store.meta["model"]["fingerprint"] != embedder.model.fingerprint():
+            rebuilt = build_index(
+                model_dir, gallery, None, batch_size=batch_size, embedder=embedder, target=target
+            )
+            rebuilt.failed[:0] = report.failed
+            return rebuilt
+        report = _update(target, store, files, report, embedder, model_dir, gallery, batch_size, False)
+        failed = {path for path, _ in report.failed}
+        for relative, destination in copied.items():
+            if relative in failed:  # a copy that could not be indexed does not stay in the gallery
+                destination.unlink(missing_ok=True)
+        return report
 
 
 def remove_files(
@@ -298,30 +346,33 @@ def remove_files(
     index files that are still there again, which the report says.
     """
     target = target or FaissTarget(index_dir, keep_type=True)
-    report = BuildReport(target.location)
-    store = target.open_existing()
-    gallery = Path(store.meta["gallery_root"])
-    by_path = {entry.path: entry.id for entry in store.entries.values()}
-    drop: dict[int, str] = {}
-    for given in paths:
-        relative = _gallery_relative(Path(given), gallery)
-        if not relative:
-            report.failed.append((str(given), f"not a file or folder inside the gallery {gallery}"))
-            continue
-        matched = [relative] if relative in by_path else [p for p in by_path if p.startswith(relative + "/")]
-        if not matched:
-            report.failed.append((str(given), "not in the index"))
-        drop.update((by_path[path], path) for path in matched)
-    still_there = [gallery / path for path in drop.values() if (gallery / path).exists()]
-    if delete_files:
-        for path in still_there:
-            path.unlink()
-    elif still_there:
-        report.notes.append(
-            f"{len(still_there)} removed file(s) are still in the gallery folder: a later `build-index` "
-            "indexes them again (delete them, or use --delete-files)"
-        )
-    return _update(target, store, [], report, None, None, gallery, 32, False, set(drop))
+    with writer_lock(target):
+        report = BuildReport(target.location)
+        store = target.open_existing()
+        gallery = Path(store.meta["gallery_root"])
+        by_path = {entry.path: entry.id for entry in store.entries.values()}
+        drop: dict[int, str] = {}
+        for given in paths:
+            relative = _gallery_relative(Path(given), gallery)
+            if not relative:
+                report.failed.append((str(given), f"not a file or folder inside the gallery {gallery}"))
+                continue
+            matched = (
+                [relative] if relative in by_path else [p for p in by_path if p.startswith(relative + "/")]
+            )
+            if not matched:
+                report.failed.append((str(given), "not in the index"))
+            drop.update((by_path[path], path) for path in matched)
+        still_there = [gallery / path for path in drop.values() if (gallery / path).exists()]
+        if delete_files:
+            for path in still_there:
+                path.unlink()
+        elif still_there:
+            report.notes.append(
+                f"{len(still_there)} removed file(s) are still in the gallery folder: a later `build-index` "
+                "indexes them again (delete them, or use --delete-files)"
+            )
+        return _update(target, store, [], report, None, None, gallery, 32, False, set(drop))
 
 
 def _update(

@@ -41,12 +41,14 @@ def fail(message: str, code: int = 1) -> None:
 
 def _errors():
     """Known error types, shown as one line instead of a traceback."""
+    from .build import IndexBusyError
     from .data import DataError
     from .engine import ModelMismatchError
     from .images import ImageError
     from .index import IndexFormatError
 
-    return (DataError, ImageError, IndexFormatError, ModelMismatchError, FileNotFoundError, ValueError)
+    errors = (DataError, ImageError, IndexFormatError, IndexBusyError, ModelMismatchError)
+    return (*errors, FileNotFoundError, ValueError)
 
 
 @app.command("build-index")

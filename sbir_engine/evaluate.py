@@ -2,7 +2,8 @@
 
 Every quality figure in the README comes from here. Retrieval ranks the *whole* gallery for each
 query (exact cosine, whatever the index type) and reports mAP@all (non-interpolated AP, see
-:func:`sbir_engine.metrics.average_precision`), P@10 and P@100, overall and per query class.
+:func:`sbir_engine.metrics.average_precision`), P@10 and P@100, overall and per query class, and
+lists the sketches whose class is not in the top 3 (with ``out``, as a contact sheet too).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def evaluate(
     if not files:
         raise FileNotFoundError(f"no labelled query sketches under {queries} (expected <class>/<image>)")
     classes = engine.classes
-    vectors, probabilities, labels, skipped = [], [], [], []
+    vectors, probabilities, labels, paths, skipped = [], [], [], [], []
     by_path = {f.path: f for f in files}
     for batch in read_batches([f.path for f in files], engine.embedder.load_sketch, 64):
         skipped.extend(batch.failures)
@@ -41,6 +42,7 @@ def evaluate(
             vectors.append(v)
             probabilities.append(p)
             labels.extend(by_path[path].label for path in batch.paths)
+            paths.extend(batch.paths)
     vectors, probabilities = np.concatenate(vectors), np.concatenate(probabilities)
     known = np.array([label in classes for label in labels])
     label_ids = np.array([classes.index(label) if label in classes else -1 for label in labels])
@@ -50,6 +52,7 @@ def evaluate(
         "top1": top_k_accuracy(probabilities[known], label_ids[known], 1),
         "top3": top_k_accuracy(probabilities[known], label_ids[known], 3),
     }
+    report["top3_misses"] = top3_misses(probabilities, label_ids, paths, classes)
     gallery = engine.index
     gallery_labels = [gallery.entries[int(i)].label for i in gallery.ids]
     cosine = vectors @ gallery.vectors.T
@@ -73,8 +76,41 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
         matrix = confusion_matrix(probabilities[known].argmax(axis=1), label_ids[known], len(classes))
         plot_confusion(matrix, classes, out / "confusion.png", f"sketch queries: {queries}")
+        if report["top3_misses"]:
+            contact_sheet(report["top3_misses"], out / "top3-misses.png")
         (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def top3_misses(probabilities: np.ndarray, label_ids: np.ndarray, paths: list, classes) -> list[dict]:
+    """The queries whose class is not among the three most probable, with what the model said instead."""
+    misses = []
+    for path, p, label in zip(paths, probabilities, label_ids, strict=True):
+        top3 = np.argsort(-p)[:3]
+        if label >= 0 and label not in top3:
+            misses.append(
+                {
+                    "path": str(path),
+                    "label": classes[label],
+                    "label_probability": round(float(p[label]), 4),
+                    "top3": [[classes[i], round(float(p[i]), 4)] for i in top3],
+                }
+            )
+    return misses
+
+
+def contact_sheet(misses: list[dict], path: Path, cell: int = 120) -> None:
+    """The missed sketches side by side: true class in green, the model's top 3 in red."""
+    from PIL import Image, ImageDraw
+
+    sheet = Image.new("RGB", (len(misses) * cell, cell + 30), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, miss in enumerate(misses):
+        with Image.open(miss["path"]) as sketch:
+            sheet.paste(sketch.convert("RGB").resize((cell, cell)), (k * cell, 0))
+        draw.text((k * cell + 2, cell + 2), miss["label"], fill="green")
+        draw.text((k * cell + 2, cell + 15), ",".join(c[:5] for c, _ in miss["top3"]), fill="red")
+    sheet.save(path)
 
 
 def format_report(report: dict) -> str:
@@ -94,8 +130,18 @@ def format_report(report: dict) -> str:
             f"{hub.get('class', '-')} {hub.get('share_of_top10', 0):.0%}"
         )
     for name, value in report.get("canvas", {}).items():
-        if name != "drawings":
+        if isinstance(value, float):
             lines.append(f"canvas check           {name:28s} top-1 {value:.3f}")
+    for group, numbers in report.get("canvas", {}).get("bitmap by Google's recognized flag", {}).items():
+        if numbers["drawings"]:
+            lines.append(
+                f"  bitmaps {group:18s} {numbers['drawings']:4d} drawings  "
+                f"top-1 {numbers['top1']:.3f}  top-3 {numbers['top3']:.3f}"
+            )
+    for miss in report["top3_misses"]:
+        top3 = ", ".join(f"{c} {p:.2f}" for c, p in miss["top3"])
+        label = f"{miss['label']} {miss['label_probability']:.3f}"
+        lines.append(f"not in top 3: {miss['path']} ({label}; {top3})")
     lines.extend(f"skipped {s}" for s in report["skipped"])
     return "\n".join(lines)
 
@@ -110,6 +156,9 @@ def evaluate_canvas(engine: SketchEngine, strokes_dir: Path, tarball: Path) -> d
     ``quickdraw-strokes/<class>.ndjson`` holds the first drawings of each category, which are also
     the first bitmaps of the QuickDraw package: line i is bitmap i, so the comparison is paired.
     Only drawings in the model's validation and test splits count: the training bitmaps were seen.
+    The lines also carry Google's ``recognized`` flag (whether Quick, Draw!'s own classifier knew the
+    drawing), so the bitmaps' top-1/top-3 are reported for both groups: how much of the error is
+    drawings that nobody's classifier recognises.
     """
     import json as json_lib
 
@@ -118,23 +167,24 @@ def evaluate_canvas(engine: SketchEngine, strokes_dir: Path, tarball: Path) -> d
 
     classes = engine.classes
     inputs: dict[str, list] = {"bitmap": []}
-    labels = []
+    labels, recognised = [], []
     for label in classes:
         path = Path(strokes_dir) / f"{label}.ndjson"
         if not path.is_file():
             continue
-        drawings = [json_lib.loads(line)["drawing"] for line in path.read_text().splitlines() if line.strip()]
+        records = [json_lib.loads(line) for line in path.read_text().splitlines() if line.strip()]
         bitmaps = read_quickdraw_bitmaps(tarball, label)
         split = split_indices(len(bitmaps), engine.config.split, f"{engine.config.seed}:sketch:{label}")
         held_out = set(split["val"]) | set(split["test"])
-        for i, strokes in enumerate(drawings):
+        for i, record in enumerate(records):
             if i not in held_out:
                 continue
             inputs["bitmap"].append(bitmaps[i])
             for size, width, rgba in CANVAS_STYLES:
                 name = f"canvas {size}px pen {width}{' RGBA' if rgba else ''}"
-                inputs.setdefault(name, []).append(render_strokes(strokes, size, width, rgba))
+                inputs.setdefault(name, []).append(render_strokes(record["drawing"], size, width, rgba))
             labels.append(classes.index(label))
+            recognised.append(bool(record.get("recognized", True)))
     if not labels:
         raise FileNotFoundError(f"no <class>.ndjson stroke files for {classes} in {strokes_dir}")
     labels = np.array(labels)
@@ -147,4 +197,15 @@ def evaluate_canvas(engine: SketchEngine, strokes_dir: Path, tarball: Path) -> d
             ]
         )
         report[name] = top_k_accuracy(probabilities, labels, 1)
+        if name == "bitmap":
+            bitmap_probabilities = probabilities
+    recognised = np.array(recognised)
+    report["bitmap by Google's recognized flag"] = {
+        group: {
+            "drawings": int(mask.sum()),
+            "top1": top_k_accuracy(bitmap_probabilities[mask], labels[mask], 1) if mask.any() else None,
+            "top3": top_k_accuracy(bitmap_probabilities[mask], labels[mask], 3) if mask.any() else None,
+        }
+        for group, mask in (("recognized", recognised), ("not recognized", ~recognised))
+    }
     return report

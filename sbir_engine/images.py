@@ -137,13 +137,15 @@ def composite_on_white(image: Image.Image) -> Image.Image:
     """Flatten any mode (RGBA, LA, palette with transparency, 16-bit, CMYK) to RGB on white."""
     if image.mode == "P":
         image = image.convert("RGBA")
+    if image.mode == "La":  # premultiplied alpha: PIL converts it only to LA (which un-premultiplies)
+        image = image.convert("LA")
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         peak = array.max(initial=0)
         # 16-bit, 8-bit, or floats in [0, 1] (as arrays are read, see _array_to_image)
         top = 65535.0 if peak > 255 else 1.0 if image.mode == "F" and peak <= 1.0 else 255.0
         image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")

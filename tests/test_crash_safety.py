@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
-from sbir_engine.build import build_index
+from sbir_engine.build import IndexBusyError, build_index, remove_files
+from sbir_engine.cli import app
 from sbir_engine.embed import Embedder
 from sbir_engine.index import CURRENT, PAUSE_ENV, GalleryIndex, current_version
 from sbir_engine.model import load_model
@@ -137,3 +139,31 @@ def test_a_killed_build_leaves_the_previous_index_answering_as_before(setup, sma
         assert rerun_entries == ref_entries, point  # same ids for the same files
         np.testing.assert_array_equal(rerun_ids, ref_ids, err_msg=point)
         np.testing.assert_allclose(rerun_scores, ref_scores, atol=1e-5, err_msg=point)
+
+
+def test_a_second_writer_is_refused_while_a_build_runs(setup, small_run, embedder, tmp_path):
+    """Two writers that both read the old index would each commit their own update, the last dropping
+    the other's files: the second is refused at once, saying why; the lock dies with its holder."""
+    gallery, base, queries = setup
+    scores, ids, _ = answers(base, queries)
+    index_dir = tmp_path / "index"
+    shutil.copytree(base, index_dir)
+    log = tmp_path / "build.log"
+    process = start_build(small_run, gallery, index_dir, "embedding", log)
+    try:
+        wait_for_pause(process, log, "embedding")
+        with pytest.raises(IndexBusyError, match=f"{index_dir}: another build-index"):
+            build_index(small_run, gallery, index_dir, embedder=embedder)
+        with pytest.raises(IndexBusyError):
+            remove_files(index_dir, [gallery / "cat"])
+        command = ["build-index", "--model", str(small_run), "--gallery", str(gallery)]
+        refused = CliRunner().invoke(app, [*command, "--out", str(index_dir)])
+        assert refused.exit_code == 1 and "is writing this index right now" in refused.output
+        after_scores, after_ids, _ = answers(index_dir, queries)  # untouched by the refused writers
+        np.testing.assert_array_equal(after_ids, ids)
+        np.testing.assert_array_equal(after_scores, scores)
+    finally:
+        process.kill()
+        process.wait()
+    report = build_index(small_run, gallery, index_dir, embedder=embedder)  # the killed holder freed it
+    assert (report.added, report.unchanged, report.total) == (10, 15, 25)

@@ -30,7 +30,8 @@ SIZE = 180
 PROPERTY = settings(
     max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
 )
-MODES = ("L", "LA", "RGB", "RGBA", "P", "I;16", "CMYK", "1", "I", "F")
+MODES = ("L", "LA", "La", "RGB", "RGBA", "RGBa", "P", "I;16", "CMYK", "YCbCr", "LAB", "1", "I", "F")
+ALPHA_MODES = ("LA", "La", "RGBA", "RGBa", "P")
 PNG_MODES = ("L", "LA", "RGB", "RGBA", "P", "I;16", "1")
 JPEG_MODES = ("L", "RGB", "CMYK")
 CONTENTS = ("noise", "constant", "strokes", "gradient", "blank")
@@ -77,12 +78,12 @@ def to_mode(rgb: np.ndarray, mode: str, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed + 1)
     image = Image.fromarray(rgb)
     grey = np.asarray(image.convert("L"))
-    if mode in ("LA", "RGBA"):
+    if mode in ("LA", "La", "RGBA", "RGBa"):
         alpha = rng.choice([0, 255, 128], size=grey.shape).astype(np.uint8)
         alpha = np.where(rng.random(grey.shape) < 0.5, 255, alpha).astype(np.uint8)
-        out = image.convert(mode)
+        out = image.convert(mode.upper())
         out.putalpha(Image.fromarray(alpha))
-        return out
+        return out.convert(mode)  # La and RGBa: premultiplied alpha
     if mode == "P":
         out = image.convert("P", palette=Image.Palette.ADAPTIVE, colors=int(rng.integers(2, 257)))
         if rng.random() < 0.5:
@@ -120,7 +121,7 @@ def test_any_pil_image_gives_a_valid_sketch_or_an_image_error(size, mode, conten
         valid(load_sketch(image, SIZE))
     except EmptySketchError:
         # Strokes inside a white border are always found (unless random alpha made them transparent).
-        assert content != "strokes" or min(size) < 8 or mode in ("LA", "RGBA", "P")
+        assert content != "strokes" or min(size) < 8 or mode in ALPHA_MODES
     valid(load_rgb(image, SIZE))  # any image at all is a usable photo
 
 
@@ -131,8 +132,10 @@ def test_black_strokes_on_white_survive_in_every_mode(size, mode, seed):
     """Ink is found whatever the storage: 1-bit, palette, 16-bit, CMYK, with or without alpha."""
     width, height = max(size[0], 8), max(size[1], 8)
     image = to_mode(np.asarray(strokes_on_white(width, height, seed, "RGB")), mode, seed)
-    if mode in ("LA", "RGBA"):
+    if mode in ("LA", "La", "RGBA", "RGBa"):
+        image = image.convert(mode.upper())
         image.putalpha(255)  # (random alpha could hide the strokes)
+        image = image.convert(mode)
     if mode == "P":
         image.info.pop("transparency", None)
     sketch = load_sketch(image, SIZE)

@@ -1,0 +1,88 @@
+"""``evaluate``, where every quality figure of the README comes from, on the small real model and photos."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sbir_engine.build import build_index
+from sbir_engine.evaluate import evaluate, format_report
+
+GROUPS = "bitmap by Google's recognized flag"
+
+
+@pytest.fixture(scope="module")
+def photo_index(tmp_path_factory, small_run, small_dataset):
+    out = tmp_path_factory.mktemp("photo-index") / "index"
+    build_index(small_run, small_dataset / "photo" / "test", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def evaluation(photo_index, small_dataset, shared_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluation")
+    queries = small_dataset / "sketch" / "test"
+    return evaluate(photo_index, queries, out=out, canvas_strokes=shared_data / "quickdraw-strokes"), out
+
+
+def test_every_query_ranks_the_whole_gallery(evaluation, small_dataset, small_metrics):
+    report, out = evaluation
+    sketches = sorted((small_dataset / "sketch" / "test").rglob("*.png"))
+    photos = [p for p in (small_dataset / "photo" / "test").rglob("*") if p.is_file()]
+    assert report["queries"] == len(sketches) and report["skipped"] == []
+    assert report["retrieval"]["gallery"] == report["embedding_retrieval"]["gallery"] == len(photos)
+    # The same model on the same test sketches as `train` measured (serving runtime vs Keras: ±1 sketch).
+    top1, top3 = report["classification"]["top1"], report["classification"]["top3"]
+    assert top1 == pytest.approx(small_metrics["sketch"]["test_top1"], abs=1.01 / len(sketches))
+    assert top1 <= top3 <= 1
+    # Retrieval far above what a random order gives: the expected share of the query's class.
+    labels = [p.parent.name for p in photos]
+    chance = np.mean([labels.count(p.parent.name) / len(labels) for p in sketches])
+    assert report["retrieval"]["mAP@all"] > 2 * chance
+    assert report["embedding_retrieval"]["mAP@all"] > 1.5 * chance
+    saved = json.loads((out / "evaluation.json").read_text(), parse_constant=pytest.fail)  # strict JSON
+    assert saved["classification"] == report["classification"]
+    assert (out / "confusion.png").stat().st_size > 0
+
+
+def test_top3_misses_are_listed_and_drawn(evaluation):
+    report, out = evaluation
+    misses = report["top3_misses"]
+    assert len(misses) == round((1 - report["classification"]["top3"]) * report["queries"])
+    for miss in misses:
+        said = [label for label, _ in miss["top3"]]
+        assert miss["label"] not in said and miss["label_probability"] <= miss["top3"][-1][1]
+        assert f"not in top 3: {miss['path']}" in format_report(report)
+    sheet = out / "top3-misses.png"
+    assert (Image.open(sheet).width == 120 * len(misses)) if misses else not sheet.exists()
+
+
+def test_canvas_check_pairs_each_held_out_drawing_with_its_bitmap(evaluation, small_dataset, shared_data):
+    """Canvases are scored on the validation and test drawings only, split by Google's flag."""
+    report, _ = evaluation
+    canvas = report["canvas"]
+    held_out, not_recognised = 0, 0
+    for strokes in sorted((shared_data / "quickdraw-strokes").glob("*.ndjson")):
+        label = strokes.stem
+        files = [*(small_dataset / "sketch" / "val").glob(f"{label}/*.png")]
+        files += (small_dataset / "sketch" / "test").glob(f"{label}/*.png")
+        indices = {int(re.search(r"(\d+)$", f.stem).group(1)) for f in files}
+        records = [json.loads(line) for line in strokes.read_text().splitlines() if line.strip()]
+        for i, record in enumerate(records):
+            if files and i in indices:
+                held_out += 1
+                not_recognised += not record["recognized"]
+    assert canvas["drawings"] == held_out > 0
+    assert not_recognised > 0  # some held-out airplanes and cats were not recognised by Google
+    groups = canvas[GROUPS]
+    assert groups["recognized"]["drawings"] + groups["not recognized"]["drawings"] == held_out
+    assert groups["not recognized"]["drawings"] == not_recognised
+    for numbers in groups.values():
+        if numbers["drawings"]:
+            assert 0 <= numbers["top1"] <= numbers["top3"] <= 1
+    renderings = [name for name in canvas if name.startswith("canvas ")]
+    assert len(renderings) == 4 and all(0 <= canvas[name] <= 1 for name in renderings)
+    text = format_report(report)
+    assert "bitmaps recognized" in text and text.count("canvas check") == 5
