@@ -35,9 +35,11 @@ class EngineConfig:
     image_size: int = 180
     backbone: str = "efficientnet-lite2"
     embedding_dim: int = 512
-    # Data preparation: a seeded, per-class, per-domain split.
+    # Data preparation: a seeded, per-class, per-domain split. ``seed`` also seeds training; a run
+    # records the seed its dataset was split with as ``data_seed`` (train --seed may differ).
     seed: int = 0
     split: tuple[float, float, float] = (0.70, 0.15, 0.15)
+    data_seed: int | None = None
     # The original system's recipe.
     epochs: int = 100
     patience: int = 20
@@ -102,6 +104,11 @@ class EngineConfig:
         if self.test_time_mirror is None:
             return MIRROR_BY_DEFAULT[self.backbone]
         return self.test_time_mirror
+
+    @property
+    def split_seed(self) -> int:
+        """The seed of the prepared split this run learnt from (which drawings it has seen)."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

@@ -174,7 +174,7 @@ def evaluate_canvas(engine: SketchEngine, strokes_dir: Path, tarball: Path) -> d
             continue
         records = [json_lib.loads(line) for line in path.read_text().splitlines() if line.strip()]
         bitmaps = read_quickdraw_bitmaps(tarball, label)
-        split = split_indices(len(bitmaps), engine.config.split, f"{engine.config.seed}:sketch:{label}")
+        split = split_indices(len(bitmaps), engine.config.split, f"{engine.config.split_seed}:sketch:{label}")
         held_out = set(split["val"]) | set(split["test"])
         for i, record in enumerate(records):
             if i not in held_out:

@@ -208,11 +208,17 @@ def train(
     started = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     config = config or EngineConfig()
-    available = json.loads((data_dir / "dataset.json").read_text())["domains"]
+    dataset = json.loads((data_dir / "dataset.json").read_text())
+    available = dataset["domains"]
     domains = tuple(d for d in config.domains if d in available)
     if not domains:
         raise DataError(f"{data_dir} holds none of the domains {config.domains} (it has {available})")
-    config = config.replace(classes=dataset_classes(data_dir), domains=domains)
+    config = config.replace(
+        classes=dataset_classes(data_dir),
+        domains=domains,
+        split=tuple(dataset["split"]),
+        data_seed=dataset["seed"],
+    )
     keras.utils.set_random_seed(config.seed)
     model = build_model(config, weights)
     index = {label: i for i, label in enumerate(config.classes)}

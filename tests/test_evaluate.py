@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from sbir_engine.build import build_index
-from sbir_engine.evaluate import evaluate, format_report
+from sbir_engine.engine import SketchEngine
+from sbir_engine.evaluate import evaluate, evaluate_canvas, format_report
 
 GROUPS = "bitmap by Google's recognized flag"
 
@@ -86,3 +87,14 @@ def test_canvas_check_pairs_each_held_out_drawing_with_its_bitmap(evaluation, sm
     assert len(renderings) == 4 and all(0 <= canvas[name] <= 1 for name in renderings)
     text = format_report(report)
     assert "bitmaps recognized" in text and text.count("canvas check") == 5
+
+
+def test_canvas_check_follows_the_dataset_split_not_the_training_seed(
+    evaluation, photo_index, small_dataset, shared_data
+):
+    """`train --seed N` on a dataset split with another seed: the held-out drawings stay the dataset's."""
+    engine = SketchEngine.load(photo_index)
+    assert engine.config.data_seed == json.loads((small_dataset / "dataset.json").read_text())["seed"]
+    engine.config = engine.config.replace(seed=engine.config.data_seed + 7)
+    again = evaluate_canvas(engine, shared_data / "quickdraw-strokes", engine.config.quickdraw_tarball)
+    assert again == evaluation[0]["canvas"]
