@@ -18,6 +18,7 @@ import hashlib
 import os
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -53,7 +54,9 @@ class IndexBusyError(RuntimeError):
     """Another build, add or remove is writing the same index."""
 
 
-_held_locks: set[Path] = set()  # re-entrant within a process: add_files may call build_index
+# Re-entrant within a thread (add_files may call build_index); another thread's open file and
+# flock conflict with this one's, so threads of one process exclude each other like processes.
+_held = threading.local()
 
 
 @contextmanager
@@ -63,7 +66,8 @@ def writer_lock(target) -> Iterator[None]:
     at once with a message that says why. Readers (queries) never wait: commits are atomic swaps.
     """
     path = getattr(target, "lock_path", None)
-    if path is None or fcntl is None or path in _held_locks:
+    held = _held.__dict__.setdefault("paths", set())
+    if path is None or fcntl is None or path in held:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,11 +79,11 @@ def writer_lock(target) -> Iterator[None]:
                 f"{target.location}: another build-index, index add or index remove is writing this index "
                 "right now; run this again when it has finished"
             ) from None
-        _held_locks.add(path)
+        held.add(path)
         try:
             yield
         finally:
-            _held_locks.discard(path)
+            held.discard(path)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from sbir_engine.build import IndexBusyError, build_index, remove_files
+from sbir_engine.build import FaissTarget, IndexBusyError, build_index, remove_files, writer_lock
 from sbir_engine.cli import app
 from sbir_engine.embed import Embedder
 from sbir_engine.index import CURRENT, PAUSE_ENV, GalleryIndex, current_version
@@ -167,3 +168,25 @@ def test_a_second_writer_is_refused_while_a_build_runs(setup, small_run, embedde
         process.wait()
     report = build_index(small_run, gallery, index_dir, embedder=embedder)  # the killed holder freed it
     assert (report.added, report.unchanged, report.total) == (10, 15, 25)
+
+
+def test_the_writer_lock_excludes_other_threads_and_lets_its_own_thread_back_in(tmp_path):
+    """add_files may call build_index on the same index (same thread); another thread must wait its turn."""
+    target = FaissTarget(tmp_path / "index")
+    outcomes = []
+
+    def other_thread():
+        try:
+            with writer_lock(target):
+                outcomes.append("other thread wrote")
+        except IndexBusyError:
+            outcomes.append("other thread refused")
+
+    with writer_lock(target):
+        with writer_lock(target):
+            outcomes.append("same thread re-entered")
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    other_thread()  # free again once the holder is done
+    assert outcomes == ["same thread re-entered", "other thread refused", "other thread wrote"]
