@@ -138,6 +138,7 @@ def pretrain_backbone(
         "own_training_images": len(own_labels),
         "epochs": epochs,
         "learning_rate": learning_rate,
+        "seed": config.seed,
         "history": history,
         "lower_blocks_seconds": round(lowered, 1),
         "seconds": round(time.perf_counter() - started, 1),
