@@ -196,7 +196,3 @@ def load_split(data_dir: Path, split: str, domains: tuple[str, ...] = DOMAINS) -
         for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
             samples.extend(Sample(path, class_dir.name, domain) for path in list_images(class_dir))
     return samples
-
-
-def dataset_classes(data_dir: Path) -> tuple[str, ...]:
-    return tuple(json.loads((Path(data_dir) / "dataset.json").read_text())["classes"])

@@ -188,23 +188,23 @@ def evaluate_canvas(engine: SketchEngine, strokes_dir: Path, tarball: Path) -> d
     if not labels:
         raise FileNotFoundError(f"no <class>.ndjson stroke files for {classes} in {strokes_dir}")
     labels = np.array(labels)
-    report = {"drawings": len(labels)}
-    for name, images in inputs.items():
-        probabilities = np.concatenate(
+    probabilities = {
+        name: np.concatenate(
             [
                 engine.embedder(np.stack([engine.embedder.load_sketch(im) for im in images[i : i + 64]]))[1]
                 for i in range(0, len(images), 64)
             ]
         )
-        report[name] = top_k_accuracy(probabilities, labels, 1)
-        if name == "bitmap":
-            bitmap_probabilities = probabilities
-    recognised = np.array(recognised)
+        for name, images in inputs.items()
+    }
+    report = {"drawings": len(labels)}
+    report.update((name, top_k_accuracy(p, labels, 1)) for name, p in probabilities.items())
+    bitmap, recognised = probabilities["bitmap"], np.array(recognised)
     report["bitmap by Google's recognized flag"] = {
         group: {
             "drawings": int(mask.sum()),
-            "top1": top_k_accuracy(bitmap_probabilities[mask], labels[mask], 1) if mask.any() else None,
-            "top3": top_k_accuracy(bitmap_probabilities[mask], labels[mask], 3) if mask.any() else None,
+            "top1": top_k_accuracy(bitmap[mask], labels[mask], 1) if mask.any() else None,
+            "top3": top_k_accuracy(bitmap[mask], labels[mask], 3) if mask.any() else None,
         }
         for group, mask in (("recognized", recognised), ("not recognized", ~recognised))
     }

@@ -24,7 +24,7 @@ import numpy as np
 
 from .backbones import build_backbone, save_npz_weights, unfreeze_top
 from .config import EngineConfig
-from .data import Sample, dataset_classes, load_split, quickdraw_categories, read_quickdraw_bitmaps
+from .data import Sample, load_split, quickdraw_categories, read_quickdraw_bitmaps
 from .embed import progress_bar, read_batches
 from .images import EmptySketchError, load_rgb, normalize_sketch, resize_to_array
 from .train import cap_per_class
@@ -54,10 +54,11 @@ def pretrain_backbone(
     """
     started = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    config = (config or EngineConfig()).replace(classes=dataset_classes(data_dir))
+    dataset = json.loads((data_dir / "dataset.json").read_text())
+    config = (config or EngineConfig()).replace(classes=tuple(dataset["classes"]))
     keras.utils.set_random_seed(config.seed)
     epochs, learning_rate = config.pretrain_epochs, config.pretrain_learning_rate
-    tarball = Path(json.loads((data_dir / "dataset.json").read_text())["sources"]["quickdraw"])
+    tarball = Path(dataset["sources"]["quickdraw"])
     others = [c for c in quickdraw_categories(tarball) if c not in config.classes]
     if categories:
         others = others[: max(0, categories - len(config.classes))]

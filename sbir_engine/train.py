@@ -19,7 +19,7 @@ import numpy as np
 
 from .backbones import cache_dir
 from .config import EngineConfig
-from .data import DataError, Sample, dataset_classes, load_split
+from .data import DataError, Sample, load_split
 from .embed import progress_bar, read_batches
 from .images import load_rgb
 from .metrics import confusion_matrix, plot_confusion, plot_history, top_k_accuracy
@@ -214,7 +214,7 @@ def train(
     if not domains:
         raise DataError(f"{data_dir} holds none of the domains {config.domains} (it has {available})")
     config = config.replace(
-        classes=dataset_classes(data_dir),
+        classes=tuple(dataset["classes"]),
         domains=domains,
         split=tuple(dataset["split"]),
         data_seed=dataset["seed"],
