@@ -167,14 +167,21 @@ def pretrain(
     learning_rate: Annotated[
         float, typer.Option(help="Initial learning rate (cosine decay).")
     ] = DEFAULTS.pretrain_learning_rate,
-    seed: Annotated[int, typer.Option(help="Random seed (new layer, order, mirror picks).")] = DEFAULTS.seed,
+    views: Annotated[
+        int, typer.Option(help="Cached views per image: as is, mirrored, then augmented ones.")
+    ] = DEFAULTS.pretrain_views,
+    seed: Annotated[int, typer.Option(help="Random seed (new layer, order, view picks).")] = DEFAULTS.seed,
 ) -> None:
     """Adapt the backbone's top blocks to drawings: all QuickDraw categories, before `train`."""
     from .pretrain import WEIGHTS_FILE, pretrain_backbone
 
     try:
         config = DEFAULTS.replace(
-            backbone=backbone, pretrain_epochs=epochs, pretrain_learning_rate=learning_rate, seed=seed
+            backbone=backbone,
+            pretrain_epochs=epochs,
+            pretrain_learning_rate=learning_rate,
+            pretrain_views=views,
+            seed=seed,
         )
         report = pretrain_backbone(data, out, config)
     except _errors() as err:

@@ -67,6 +67,9 @@ class EngineConfig:
     pretrain_epochs: int = 6
     pretrain_learning_rate: float = 5e-4
     pretrain_photos_per_class: int = 200
+    # Views of each image cached below the cut: as is, mirrored, and (beyond 2) augmented like
+    # ``train``'s views; each epoch trains on one of them per image, picked at random.
+    pretrain_views: int = 2
     # Metric learning on the 512-d embedding: weight of the supervised contrastive term (0 = off).
     contrastive_weight: float = 1.0
     temperature: float = 0.1

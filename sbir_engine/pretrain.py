@@ -6,9 +6,10 @@ them apart gives the head features made for line drawings. The dataset's own tra
 sketches and capped photos) stands in for its classes, so their held-out drawings stay unseen and
 the backbone keeps its photo features.
 
-CPU route: the frozen blocks below ``cut`` run once per image and once per mirror image; the top
-blocks train on their cached activations (a mirrored or plain copy of each image per epoch) under
-a cosine-decaying learning rate. Batch normalisation stays frozen, as in fine-tuning.
+CPU route: the frozen blocks below ``cut`` run once per view of each image (as is, mirrored, and
+with ``pretrain_views`` > 2 augmented like ``train``'s views); the top blocks train on the cached
+activations (one view of each image per epoch, picked at random) under a cosine-decaying learning
+rate. Batch normalisation stays frozen, as in fine-tuning.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .config import EngineConfig
 from .data import Sample, load_split, quickdraw_categories, read_quickdraw_bitmaps
 from .embed import progress_bar, read_batches
 from .images import EmptySketchError, load_rgb, normalize_sketch, resize_to_array
-from .train import cap_per_class
+from .train import cap_per_class, make_augmenter
 
 WEIGHTS_FILE = "backbone.npz"
 REPORT_FILE = "pretrain.json"
@@ -72,15 +73,23 @@ def pretrain_backbone(
     lower = keras.Model(backbone.input, backbone.get_layer(cut).output)
     upper = keras.Model(backbone.get_layer(cut).output, backbone.output)
 
-    def activations(images: Iterator[np.ndarray], total: int, description: str, mirror: bool = False):
-        """Lower-block activations of each batch, and with ``mirror`` of its mirror image too."""
-        outs = [np.empty((total,) + tuple(lower.output.shape[1:]), np.float16) for _ in range(1 + mirror)]
+    augmenter = make_augmenter(config)
+
+    def activations(images: Iterator[np.ndarray], total: int, description: str, views: int = 1):
+        """Lower-block activations of each batch: as is, then mirrored, then augmented views."""
+        outs = [np.empty((total,) + tuple(lower.output.shape[1:]), np.float16) for _ in range(views)]
         done = 0
         with progress_bar() as progress:
             task = progress.add_task(description, total=total)
             for batch in images:
-                for out, view in zip(outs, (batch, batch[:, :, ::-1]), strict=False):
-                    out[done : done + len(batch)] = np.asarray(lower.predict_on_batch(view))
+                for view, out in enumerate(outs):
+                    if view == 0:
+                        image = batch
+                    elif view == 1:
+                        image = batch[:, :, ::-1]
+                    else:
+                        image = np.asarray(augmenter(batch, training=True))
+                    out[done : done + len(batch)] = np.asarray(lower.predict_on_batch(image))
                 done += len(batch)
                 progress.advance(task, len(batch))
         return outs
@@ -102,7 +111,8 @@ def pretrain_backbone(
         for start in range(0, len(own_images), 64):
             yield own_images[start : start + 64].astype(np.float32)
 
-    views = activations(training_images(), len(labels), "lower blocks (as is and mirrored)", mirror=True)
+    count = max(1, config.pretrain_views)
+    views = activations(training_images(), len(labels), f"lower blocks ({count} views)", count)
     val_images, y_val = _read_samples(val, config, label_of)
     [x_val] = activations(iter([val_images.astype(np.float32)]), len(y_val), "lower blocks (validation)")
     lowered = time.perf_counter() - started
@@ -120,8 +130,11 @@ def pretrain_backbone(
     rng = np.random.default_rng(config.seed)
     history: dict[str, list[float]] = {}
     for _ in range(epochs):
-        mirrored = rng.random(len(labels)) < 0.5
-        x_train = np.where(mirrored[:, None, None, None], views[1], views[0])
+        # One view per image (with 2 views, the same draws as a plain-or-mirrored coin flip).
+        pick = (count - 1) - (rng.random(len(labels)) * count).astype(int)
+        x_train = views[0].copy()
+        for view in range(1, count):
+            x_train[pick == view] = views[view][pick == view]
         logs = model.fit(
             x_train, labels, validation_data=(x_val, y_val), batch_size=batch_size, verbose=verbose
         ).history
@@ -139,6 +152,7 @@ def pretrain_backbone(
         "own_training_images": len(own_labels),
         "epochs": epochs,
         "learning_rate": learning_rate,
+        "views": count,
         "seed": config.seed,
         "history": history,
         "lower_blocks_seconds": round(lowered, 1),

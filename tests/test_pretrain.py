@@ -15,7 +15,8 @@ from sbir_engine.train import cap_per_class
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, small_dataset, small_config):
     out = tmp_path_factory.mktemp("pretrain")
-    config = small_config.replace(pretrain_epochs=1)
+    # Three views: the plain and mirrored ones of the default, and one augmented like train's.
+    config = small_config.replace(pretrain_epochs=1, pretrain_views=3)
     report = pretrain_backbone(small_dataset, out, config, drawings_per_category=8, categories=9, verbose=0)
     return out, report, config
 
@@ -44,7 +45,8 @@ def test_pretraining_sees_only_the_training_split_of_the_dataset(pretrained, sma
     others = report["categories"] - len(config.classes)
     assert others == 4  # 9 categories: the 5 classes and the first 4 other QuickDraw categories
     assert report["own_training_images"] == len(own)
-    assert report["training_images"] == others * 8 + len(own)
+    assert report["training_images"] == others * 8 + len(own)  # views are alternatives, not copies
+    assert report["views"] == 3
     history = report["history"]
     assert len(history["loss"]) == 1 and np.isfinite(history["loss"][0])
     assert 0.0 <= history["val_accuracy"][0] <= 1.0
