@@ -100,6 +100,8 @@ class EngineConfig:
             raise ValueError("a classifier needs at least two classes")
         if len(set(self.classes)) != len(self.classes):
             raise ValueError(f"duplicate class names in {self.classes}")
+        if self.pretrain_views < 1:
+            raise ValueError(f"pretrain_views must be 1 or more (got {self.pretrain_views})")
 
     @property
     def mirror(self) -> bool:

@@ -111,7 +111,7 @@ def pretrain_backbone(
         for start in range(0, len(own_images), 64):
             yield own_images[start : start + 64].astype(np.float32)
 
-    count = max(1, config.pretrain_views)
+    count = config.pretrain_views
     views = activations(training_images(), len(labels), f"lower blocks ({count} views)", count)
     val_images, y_val = _read_samples(val, config, label_of)
     [x_val] = activations(iter([val_images.astype(np.float32)]), len(y_val), "lower blocks (validation)")

@@ -5,8 +5,10 @@ import re
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from sbir_engine.backbones import build_backbone
+from sbir_engine.cli import app
 from sbir_engine.data import load_split
 from sbir_engine.pretrain import REPORT_FILE, WEIGHTS_FILE, pretrain_backbone
 from sbir_engine.train import cap_per_class
@@ -50,3 +52,12 @@ def test_pretraining_sees_only_the_training_split_of_the_dataset(pretrained, sma
     history = report["history"]
     assert len(history["loss"]) == 1 and np.isfinite(history["loss"][0])
     assert 0.0 <= history["val_accuracy"][0] <= 1.0
+
+
+def test_pretrain_refuses_a_view_count_below_one_before_any_work(small_dataset, tmp_path):
+    out = tmp_path / "out"
+    args = ["pretrain", "--data", str(small_dataset), "--out", str(out), "--views", "0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == "error: pretrain_views must be 1 or more (got 0)"
+    assert not out.exists()
