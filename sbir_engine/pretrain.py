@@ -73,7 +73,8 @@ def pretrain_backbone(
     lower = keras.Model(backbone.input, backbone.get_layer(cut).output)
     upper = keras.Model(backbone.get_layer(cut).output, backbone.output)
 
-    augmenter = make_augmenter(config)
+    # Built only when used: its layers draw seeds, which would change the default run's other draws.
+    augmenter = make_augmenter(config) if config.pretrain_views > 2 else None
 
     def activations(images: Iterator[np.ndarray], total: int, description: str, views: int = 1):
         """Lower-block activations of each batch: as is, then mirrored, then augmented views."""
