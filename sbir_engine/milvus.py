@@ -398,6 +398,15 @@ class MilvusTarget:
     def anchor(self) -> Path:
         return Path(self.uri).resolve().parent if is_lite(self.uri) else Path.cwd()
 
+    @property
+    def lock_path(self) -> Path | None:
+        """Milvus Lite: a lock file per collection beside the database file (``build.writer_lock``).
+        A server has none: writers on other machines would never see a local lock."""
+        if not is_lite(self.uri):
+            return None
+        database = Path(self.uri).resolve()
+        return database.parent / f".{database.name}.{self.collection}.lock"
+
     def open(self) -> MilvusStore | None:
         return MilvusStore.open(self.uri, self.collection, self.client)
 

@@ -2,13 +2,14 @@
 
 import importlib.util
 import json
+import threading
 
 import numpy as np
 import pytest
 from test_incremental import embedder, incoming, scenario, workspace  # noqa: F401  (fixtures by name)
 from typer.testing import CliRunner
 
-from sbir_engine.build import add_files, remove_files
+from sbir_engine.build import add_files, remove_files, writer_lock
 from sbir_engine.cli import app
 from sbir_engine.engine import SketchEngine
 from sbir_engine.index import GalleryIndex
@@ -134,6 +135,28 @@ def test_build_index_into_milvus_is_incremental(small_run, small_gallery, tmp_pa
     again = runner.invoke(app, command)
     assert again.exit_code == 0, again.output
     assert f"{count} unchanged" in again.output and "(0 embedded" in again.output
+    # A second writer of the same Lite collection is refused while another thread writes it (the
+    # lock is re-entrant within a thread); other collections in the same file are not.
+    from sbir_engine.milvus import MilvusTarget
+
+    held, release = threading.Event(), threading.Event()
+
+    def writer():
+        with writer_lock(MilvusTarget(uri, "built")):
+            held.set()
+            release.wait(120)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert held.wait(60)
+        busy = runner.invoke(app, command + ["--full"])
+        other = runner.invoke(app, [*command[:-1], "other"])
+    finally:
+        release.set()
+        thread.join()
+    assert busy.exit_code == 1 and "another build-index, index add or index remove" in busy.output
+    assert other.exit_code == 0 and f"{count} added" in other.output, other.output
     from sbir_engine.milvus import MilvusStore
 
     store = MilvusStore.open(uri, "built")
