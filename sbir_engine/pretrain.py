@@ -73,8 +73,9 @@ def pretrain_backbone(
     lower = keras.Model(backbone.input, backbone.get_layer(cut).output)
     upper = keras.Model(backbone.get_layer(cut).output, backbone.output)
 
+    count = config.pretrain_views
     # Built only when used: its layers draw seeds, which would change the default run's other draws.
-    augmenter = make_augmenter(config) if config.pretrain_views > 2 else None
+    augmenter = make_augmenter(config) if count > 2 else None
 
     def activations(images: Iterator[np.ndarray], total: int, description: str, views: int = 1):
         """Lower-block activations of each batch: as is, then mirrored, then augmented views."""
@@ -112,7 +113,6 @@ def pretrain_backbone(
         for start in range(0, len(own_images), 64):
             yield own_images[start : start + 64].astype(np.float32)
 
-    count = config.pretrain_views
     views = activations(training_images(), len(labels), f"lower blocks ({count} views)", count)
     val_images, y_val = _read_samples(val, config, label_of)
     [x_val] = activations(iter([val_images.astype(np.float32)]), len(y_val), "lower blocks (validation)")
@@ -134,8 +134,8 @@ def pretrain_backbone(
         # One view per image (with 2 views, the same draws as a plain-or-mirrored coin flip).
         pick = (count - 1) - (rng.random(len(labels)) * count).astype(int)
         x_train = views[0].copy()
-        for view in range(1, count):
-            x_train[pick == view] = views[view][pick == view]
+        for view in range(1, count):  # in place: no temporary copy of the picked activations
+            np.copyto(x_train, views[view], where=(pick == view)[:, None, None, None])
         logs = model.fit(
             x_train, labels, validation_data=(x_val, y_val), batch_size=batch_size, verbose=verbose
         ).history
