@@ -56,7 +56,12 @@ class IndexBusyError(RuntimeError):
 
 # Re-entrant within a thread (add_files may call build_index); another thread's open file and
 # flock conflict with this one's, so threads of one process exclude each other like processes.
-_held = threading.local()
+class _HeldLocks(threading.local):
+    def __init__(self) -> None:
+        self.paths: set[Path] = set()
+
+
+_held = _HeldLocks()
 
 
 @contextmanager
@@ -66,7 +71,7 @@ def writer_lock(target) -> Iterator[None]:
     at once with a message that says why. Readers (queries) never wait: commits are atomic swaps.
     """
     path = getattr(target, "lock_path", None)
-    held = _held.__dict__.setdefault("paths", set())
+    held = _held.paths
     if path is None or fcntl is None or path in held:
         yield
         return
