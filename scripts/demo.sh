@@ -14,11 +14,18 @@ if [ "${FAST:-0}" = 1 ]; then
     # The CPU-fast recipe (≈ 6 min): ImageNet backbone, trained head.
     [ -f runs/default/model.keras ] || sbir-engine train --data data --out runs/default
 else
-    # The measured best (≈ 40 min on 2 cores): sketch-domain pre-training of the backbone's top
-    # blocks on all 345 QuickDraw categories, then the head (see the README's measured figures).
-    [ -f runs/sketch345/backbone.npz ] || sbir-engine pretrain --data data --out runs/sketch345
+    # BACKBONE_WEIGHTS: a backbone pre-trained elsewhere (the README's GPU route); otherwise the
+    # CPU route (≈ 40 min on 2 cores): sketch-domain pre-training of the backbone's top blocks on
+    # all 345 QuickDraw categories. Then the head (see the README's measured figures).
+    if [ -n "${BACKBONE_WEIGHTS:-}" ]; then
+        weights=$BACKBONE_WEIGHTS
+        [ -f "$weights" ] || { echo "BACKBONE_WEIGHTS=$weights: no such file" >&2; exit 1; }
+    else
+        weights=runs/sketch345/backbone.npz
+        [ -f "$weights" ] || sbir-engine pretrain --data data --out runs/sketch345
+    fi
     [ -f runs/default/model.keras ] ||
-        sbir-engine train --data data --out runs/default --backbone-weights runs/sketch345/backbone.npz
+        sbir-engine train --data data --out runs/default --backbone-weights "$weights"
 fi
 [ -f index/default/CURRENT ] || sbir-engine build-index --model runs/default --gallery data/gallery --out index/default
 exec sbir-engine ui --index index/default "$@"

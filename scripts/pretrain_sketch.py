@@ -1,15 +1,19 @@
 """The GPU route of sketch-domain pre-training: the whole EfficientNet-Lite2 on all 345 categories.
 
 On CPUs, `sbir-engine pretrain` adapts the backbone's top blocks (sbir_engine/pretrain.py). This
-script trains every block on a lent GPU machine, in two steps, because that machine has no
-TensorFlow, no network and no ../shared:
+script trains every block on a lent GPU machine (all but the stem, batch norm and, unless
+--train-depthwise, the depthwise kernels), with ``train``'s augmentation drawn afresh every epoch,
+for as many epochs as its time budget holds. In steps, because that machine has no TensorFlow,
+no network and no ../shared:
 
     # here (CPU): pack what the GPU run needs into .carry/ (bitmaps, photos, ImageNet weights, wheels)
     python scripts/pretrain_sketch.py prepare --data data --carry .carry
-    # on a GPU machine (JAX backend, backend-neutral Keras):
-    KERAS_BACKEND=jax python scripts/pretrain_sketch.py train --carry .carry --out OUT
-    # back here: train the 13-class engine on the adapted backbone
-    sbir-engine train --data data --out runs/sketch345 --backbone-weights OUT/lite2-sketch345.npz
+    # on a GPU machine (JAX backend, backend-neutral Keras), with .carry copied beside the script:
+    pip install --no-index --no-deps --target /tmp/site .carry/wheels/*.whl
+    PYTHONPATH=/tmp/site KERAS_BACKEND=jax python scripts/pretrain_sketch.py train --out OUT
+    # back here: join the weight files it wrote, then train the 13-class engine on them
+    python scripts/pretrain_sketch.py merge OUT/lite2-sketch345-*.npz --out runs/sketch345-gpu/backbone.npz
+    sbir-engine train --data data --out runs/gpu --backbone-weights runs/sketch345-gpu/backbone.npz
 
 The held-out val/test drawings of the dataset's classes are left out of pre-training (same seeded
 split as prepare-data), so the test split stays unseen. The dataset's training photos join in,
@@ -83,17 +87,96 @@ def prepare(data_dir: Path, carry: Path, photos_per_class: int) -> None:
     print(
         f"{len(bitmaps)} sketches of {len(categories)} categories ({held_out} held out), {len(photos)} photos"
     )
+    download_wheels(carry / "wheels")
 
 
-def batches(images: np.ndarray, labels: np.ndarray, n_classes: int, batch: int, shuffle: bool):
-    """Float32 batches from an in-memory uint8 image array, reshuffled every epoch."""
+# What the GPU machine lacks (it has JAX, numpy, PIL, rich, h5py, ml-dtypes, but no Keras).
+GPU_WHEELS = ("keras", "namex", "optree")
+
+
+def download_wheels(folder: Path) -> None:
+    """This machine's versions of GPU_WHEELS, as CPython 3.12 x86-64 wheels, for `pip install --target`."""
+    import subprocess
+    from importlib.metadata import version
+
+    platforms = [
+        "manylinux_2_28_x86_64",
+        "manylinux_2_27_x86_64",
+        "manylinux_2_17_x86_64",
+        "manylinux2014_x86_64",
+    ]
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:"]
+    command += ["--python-version", "3.12", "--implementation", "cp", "--dest", str(folder)]
+    command += [arg for platform in platforms for arg in ("--platform", platform)]
+    subprocess.run(command + [f"{name}=={version(name)}" for name in GPU_WHEELS], check=True)
+    print(f"wheels in {folder}: {', '.join(sorted(p.name for p in folder.glob('*.whl')))}")
+
+
+def random_affine(image: np.ndarray, rng: np.random.Generator, config, sketch: bool) -> np.ndarray:
+    """``train``'s augmentation (stroke width for sketches, mirror, zoom, shifts, shear), with PIL.
+
+    In the data loader's threads, because Keras' affine layers in the model ran at 78 img/s under
+    JAX on an H200. Borders fill with white paper, as ``train.FILL`` does.
+    """
+    from PIL import Image
+
+    if sketch and config.stroke_jitter:  # one pixel of ink more or less
+        step = int(rng.integers(-1, 2))
+        if step:  # dark ink: a 3×3 minimum thickens it, a maximum thins it
+            image = _filter3x3(image[..., 0], np.minimum if step > 0 else np.maximum)
+    # A drawing is grey: one channel is a third of the work.
+    picture = Image.fromarray(image[..., 0] if image.ndim == 3 and sketch else image)
+    if config.random_flip and rng.random() < 0.5:
+        picture = picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    size = image.shape[0]
+    zoom = 1 + rng.uniform(-config.zoom, config.zoom)
+    shear_x, shear_y = rng.uniform(-config.shear, config.shear, 2)
+    shift_x, shift_y = rng.uniform(-config.shift, config.shift, 2) * size
+    # PIL maps each output pixel back to an input pixel: (x, y) -> (a x + b y + c, d x + e y + f),
+    # here a zoom and shear about the centre, then a shift.
+    a, b, d, e = zoom, shear_x, shear_y, zoom
+    centre = size / 2
+    c = centre - a * centre - b * centre + shift_x
+    f = centre - d * centre - e * centre + shift_y
+    moved = picture.transform(
+        picture.size,
+        Image.Transform.AFFINE,
+        (a, b, c, d, e, f),
+        Image.Resampling.BILINEAR,
+        fillcolor=255 if sketch else (255,) * 3,
+    )
+    return np.asarray(moved.convert("RGB"))
+
+
+def _filter3x3(channel: np.ndarray, op) -> np.ndarray:
+    """A 3×3 minimum or maximum filter as separable numpy ops (PIL's rank filter took 1.7 ms)."""
+    padded = np.pad(channel, 1, mode="edge")
+    rows = op(op(padded[:, :-2], padded[:, 1:-1]), padded[:, 2:])
+    return op(op(rows[:-2], rows[1:-1]), rows[2:])
+
+
+def batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    batch: int,
+    shuffle: bool,
+    sketches: np.ndarray | None = None,
+    config=None,
+):
+    """Float32 batches from an in-memory uint8 image array, reshuffled every epoch.
+
+    With ``config``, each training image is augmented afresh every time it is drawn (``sketches``
+    marks the drawings, which also get stroke-width jitter).
+    """
     import keras
 
     class Batches(keras.utils.PyDataset):
         def __init__(self):
-            super().__init__(workers=4)
+            super().__init__(workers=12)
             self.rng = np.random.default_rng(0)
             self.order = np.arange(len(images))
+            self.epoch = 0
             self.on_epoch_end()
 
         def __len__(self) -> int:
@@ -101,9 +184,19 @@ def batches(images: np.ndarray, labels: np.ndarray, n_classes: int, batch: int, 
 
         def __getitem__(self, i: int):
             rows = np.sort(self.order[i * batch : (i + 1) * batch])
-            return images[rows].astype(np.float32), keras.utils.to_categorical(labels[rows], n_classes)
+            x = images[rows]
+            if config is not None:
+                rng = np.random.default_rng([self.epoch, i])  # per batch: the workers are threads
+                x = np.stack(
+                    [
+                        random_affine(image, rng, config, sketches[row])
+                        for image, row in zip(x, rows, strict=True)
+                    ]
+                )
+            return x.astype(np.float32), keras.utils.to_categorical(labels[rows], n_classes)
 
         def on_epoch_end(self) -> None:
+            self.epoch += 1
             if shuffle:
                 self.rng.shuffle(self.order)
 
@@ -131,74 +224,105 @@ def load_images(source: Path, size: int, limit: int = 0):
     photo_paths = sorted((source / "photos").rglob("*.*"))
     images.append(np.stack([load_rgb(p, size).astype(np.uint8) for p in photo_paths]))
     labels.append(np.array([categories.index(p.parent.name) for p in photo_paths], np.int32))
+    sketches = np.arange(sum(map(len, images))) < len(images[0])
     images, labels = np.concatenate(images), np.concatenate(labels)
     if limit:  # a smoke run on a random subset
         keep = np.random.default_rng(0).choice(len(images), min(limit, len(images)), replace=False)
-        images, labels = images[keep], labels[keep]
+        images, labels, sketches = images[keep], labels[keep], sketches[keep]
     val_images, val_labels = upscale(stored["val_images"]), stored["val_labels"]
-    return images, labels, val_images, val_labels, categories, len(photo_paths)
+    return images, labels, sketches, val_images, val_labels, categories
 
 
 def train(
     carry: Path,
     out: Path,
-    epochs: int,
     batch: int,
     learning_rate: float,
     max_seconds: float,
     limit: int = 0,
     bench: bool = False,
     augment: bool = True,
+    train_depthwise: bool = False,
+    precision: str = "mixed_bfloat16",
+    max_epochs: int = 30,
 ) -> None:
+    """Train the whole backbone (but the stem, batch norm and, by default, the depthwise kernels)
+    for as many epochs as fit in ``max_seconds``, with a cosine learning rate over them."""
     import keras
 
-    from sbir_engine.backbones import build_backbone, save_npz_weights, unfreeze_top
+    from sbir_engine.backbones import build_backbone, unfreeze_top
     from sbir_engine.config import EngineConfig
-    from sbir_engine.train import make_augmenter
 
     started = time.perf_counter()
     config = EngineConfig()
     size = config.image_size
     source = carry / "pretrain"
 
-    images, labels, val_images, val_labels, categories, photo_count = load_images(source, size, limit)
+    images, labels, sketches, val_images, val_labels, categories = load_images(source, size, limit)
     prepared = time.perf_counter() - started
-    print(f"{len(images)} training images ({photo_count} photos), prepared in {prepared:.0f} s", flush=True)
-
-    backbone = build_backbone("efficientnet-lite2", config.input_shape, source / "lite2-imagenet.npz")
-    trainable = unfreeze_top(backbone, 1000)  # every block; batch norm stays frozen
-    inputs = keras.Input(config.input_shape)
-    # Keras' affine augmentation layers ran at 78 img/s under JAX on an H200: --no-augment trains on
-    # the plain images, which the 345 categories' variety makes up for.
-    features = backbone(make_augmenter(config)(inputs) if augment else inputs)
-    outputs = keras.layers.Dense(len(categories), activation="softmax", name="sketch345")(
-        keras.layers.Dropout(0.2)(features)
+    print(
+        f"{len(images)} training images ({int((~sketches).sum())} photos), prepared in {prepared:.0f} s",
+        flush=True,
     )
-    model = keras.Model(inputs, outputs)
-    steps = epochs * -(-len(images) // batch)
-    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps, warmup_target=None)
-    model.compile(keras.optimizers.Adam(schedule), "categorical_crossentropy", metrics=["accuracy"])
 
-    class Clock(keras.callbacks.Callback):
+    keras.mixed_precision.set_global_policy(precision)
+    backbone = build_backbone("efficientnet-lite2", config.input_shape, source / "lite2-imagenet.npz")
+    unfreeze_top(backbone, 1000)  # every block; batch norm stays frozen
+    if not train_depthwise:
+        # JAX computes a depthwise kernel's gradient as slowly as a dense convolution's
+        # (jax-ml/jax#13800); the kernels are 5 % of Lite2's weights.
+        for layer in backbone.layers:
+            if isinstance(layer, keras.layers.DepthwiseConv2D):
+                layer.trainable = False
+    trainable = [layer.name for layer in backbone.layers if layer.trainable and layer.weights]
+    outputs = keras.layers.Dense(len(categories), activation="softmax", dtype="float32", name="sketch345")(
+        keras.layers.Dropout(0.2)(backbone.output)
+    )
+    model = keras.Model(backbone.input, outputs)
+    model.compile(keras.optimizers.Adam(learning_rate), "categorical_crossentropy", metrics=["accuracy"])
+
+    class Budget(keras.callbacks.Callback):
+        """A warm-up epoch at a tenth of the rate (the 345-way layer starts random), then a cosine
+        decay over the epochs that the measured epoch time leaves inside ``max_seconds``."""
+
+        planned = 0  # known once an epoch without compilation has been timed
+
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = time.perf_counter()
+            if epoch == 0:
+                rate = learning_rate / 10
+            elif not self.planned:
+                rate = learning_rate
+            else:
+                progress = (epoch - 0.5) / max(1, self.planned - 1)  # mid-epoch
+                rate = learning_rate * 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))
+            self.model.optimizer.learning_rate = rate
+            self.rate = rate
 
         def on_epoch_end(self, epoch, logs=None):
-            seconds = time.perf_counter() - self.t0
-            logs["seconds"] = seconds
-            logs["images_per_second"] = len(images) / seconds
+            now = time.perf_counter()
+            seconds = now - self.t0
+            logs.update(seconds=seconds, images_per_second=len(images) / seconds, learning_rate=self.rate)
             print(f"epoch {epoch + 1}: {seconds:.1f} s, {len(images) / seconds:.0f} img/s", flush=True)
-            if time.perf_counter() - started > max_seconds:
+            if epoch >= 1 and not self.planned:  # epoch 1 included compiling
+                fit = epoch + 1 + int((max_seconds - (now - started)) // seconds)
+                self.planned = min(max_epochs, fit)
+                print(f"{fit} epochs fit in {max_seconds:.0f} s; training {self.planned}", flush=True)
+            if self.planned and epoch + 1 >= self.planned or now - started + seconds > max_seconds:
                 self.model.stop_training = True
 
     n = len(categories)
-    history = model.fit(
-        batches(images, labels, n, batch, shuffle=True),
-        validation_data=batches(val_images, val_labels, n, 256, shuffle=False),
-        epochs=epochs,
-        verbose=2,
-        callbacks=[Clock()],
-    ).history
+    history = {}
+    try:
+        history = model.fit(
+            batches(images, labels, n, batch, True, sketches, config if augment else None),
+            validation_data=batches(val_images, val_labels, n, 256, shuffle=False),
+            epochs=1000,
+            verbose=2,
+            callbacks=[Budget()],
+        ).history
+    finally:  # whatever stopped training, keep what it learnt
+        save_parts({layer.name: layer.get_weights() for layer in backbone.layers if layer.weights}, out)
 
     # Inference throughput of the adapted backbone (the embedding part of the benchmark).
     probe = images[:4096].astype(np.float32)
@@ -207,20 +331,19 @@ def train(
     backbone.predict(probe, batch_size=256, verbose=0)
     embed_rate = len(probe) / (time.perf_counter() - t0)
 
-    out.mkdir(parents=True, exist_ok=True)
-    weights = {layer.name: layer.get_weights() for layer in backbone.layers if layer.weights}
-    # Two halves: a device run returns files of at most 16 MB (merge with `merge` afterwards).
-    names = list(weights)
-    for part, chosen in (("a", names[: len(names) // 2]), ("b", names[len(names) // 2 :])):
-        save_npz_weights({n: weights[n] for n in chosen}, out / f"lite2-sketch345-{part}.npz")
     report = {
         "device": _device_name(),
         "backend": keras.backend.backend(),
+        "precision": precision,
         "training_images": int(len(images)),
         "categories": n,
         "trainable_layers": len(trainable),
+        "depthwise_trained": train_depthwise,
+        "augmented": augment,
         "batch": batch,
         "learning_rate": learning_rate,
+        "max_seconds": max_seconds,
+        "max_epochs": max_epochs,
         "history": {k: [float(v) for v in vs] for k, vs in history.items()},
         "embedding_images_per_second_batch256": embed_rate,
         "seconds": time.perf_counter() - started,
@@ -230,6 +353,34 @@ def train(
         report["backbone_speeds"] = benchmark_backbones(config)
         (out / "pretrain.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=2))
+
+
+def save_parts(weights: dict[str, list[np.ndarray]], out: Path, part_bytes: float = 12e6) -> list[Path]:
+    """Weights by layer in files of about ``part_bytes`` at most (a device run returns files of at
+    most 16 MB; ``merge`` joins them)."""
+    from sbir_engine.backbones import save_npz_weights
+
+    parts: list[dict[str, list[np.ndarray]]] = [{}]
+    for name, arrays in weights.items():
+        size = sum(a.nbytes for layer in parts[-1].values() for a in layer)
+        if parts[-1] and size + sum(a.nbytes for a in arrays) > part_bytes:
+            parts.append({})
+        parts[-1][name] = arrays
+    paths = [out / f"lite2-sketch345-{k}.npz" for k in range(len(parts))]
+    for part, path in zip(parts, paths, strict=True):
+        save_npz_weights(part, path)
+    return paths
+
+
+def merge(parts: list[Path], out: Path) -> None:
+    """Join the parts a device run returns into one weights file for ``train --backbone-weights``."""
+    from sbir_engine.backbones import _load_npz, save_npz_weights
+
+    weights = {}
+    for part in parts:
+        weights.update(_load_npz(part))
+    save_npz_weights(weights, out)
+    print(f"wrote {out} ({len(weights)} layers)")
 
 
 def benchmark_backbones(config, batch: int = 128, steps: int = 20) -> dict:
@@ -282,27 +433,40 @@ def main() -> None:
     t = sub.add_parser("train")
     t.add_argument("--carry", type=Path, default=Path(".carry"))
     t.add_argument("--out", type=Path, required=True)
-    t.add_argument("--epochs", type=int, default=12)
     t.add_argument("--batch", type=int, default=128)
     t.add_argument("--learning-rate", type=float, default=3e-4)
-    t.add_argument("--max-seconds", type=float, default=360)
+    t.add_argument("--max-seconds", type=float, default=450, help="the whole run's time budget")
+    t.add_argument("--max-epochs", type=int, default=30)
     t.add_argument("--no-augment", dest="augment", action="store_false")
+    t.add_argument(
+        "--train-depthwise", action="store_true", help="also train the depthwise kernels (slow on JAX)"
+    )
+    t.add_argument(
+        "--precision", default="mixed_bfloat16", help="Keras dtype policy (float32 for full precision)"
+    )
     t.add_argument("--bench", action="store_true", help="also time both backbones' training and inference")
     t.add_argument("--limit", type=int, default=0, help="train on this many random images (smoke run)")
+    m = sub.add_parser("merge")
+    m.add_argument("parts", type=Path, nargs="+")
+    m.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.step == "prepare":
         prepare(args.data, args.carry, args.photos_per_class)
+    elif args.step == "merge":
+        merge(args.parts, args.out)
     else:
         train(
             args.carry,
             args.out,
-            args.epochs,
             args.batch,
             args.learning_rate,
             args.max_seconds,
             args.limit,
             args.bench,
             args.augment,
+            args.train_depthwise,
+            args.precision,
+            args.max_epochs,
         )
 
 

