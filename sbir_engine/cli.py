@@ -220,6 +220,9 @@ def train(
     stroke_jitter: Annotated[
         int, typer.Option(help="Thicken or thin training sketches' ink by up to N pixels (0 = off).")
     ] = DEFAULTS.stroke_jitter,
+    label_smoothing: Annotated[
+        float, typer.Option(help="Soften the cross-entropy's one-hot targets by this much (0 = off).")
+    ] = DEFAULTS.label_smoothing,
 ) -> None:
     """Train the classifier (frozen backbone, cached features; optionally fine-tune its top)."""
     from .train import train as train_model
@@ -234,6 +237,7 @@ def train(
             random_flip=mirror is not False,
             test_time_mirror=mirror,
             stroke_jitter=stroke_jitter,
+            label_smoothing=label_smoothing,
         )
         metrics = train_model(data, out, config, backbone_weights, fine_tune, fine_tune_epochs)
     except _errors() as err:

@@ -142,7 +142,7 @@ def compiled_trainer(model: SketchModel) -> keras.Model:
     trainer.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate),
         loss={
-            "probabilities": "categorical_crossentropy",
+            "probabilities": keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
             "unit_embedding": supervised_contrastive_loss(config),
         },
         loss_weights={"probabilities": 1.0, "unit_embedding": config.contrastive_weight},

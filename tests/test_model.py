@@ -10,7 +10,7 @@ from sbir_engine.config import EngineConfig
 from sbir_engine.embed import Embedder
 from sbir_engine.images import load_rgb
 from sbir_engine.model import build_model, load_model
-from sbir_engine.train import RandomStrokeWidth
+from sbir_engine.train import RandomStrokeWidth, compiled_trainer
 
 
 def count(weights) -> int:
@@ -97,3 +97,15 @@ def test_stroke_width_augmentation_thickens_and_thins_real_ink(small_dataset):
         assert np.all(unchanged == (change == 0))  # any change moves the amount of ink
         seen.update(change.tolist())
     assert seen == {-1, 0, 1}
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_label_smoothing_softens_the_cross_entropy_targets(smoothing):
+    config = EngineConfig(label_smoothing=smoothing)
+    trainer = compiled_trainer(build_model(config, weights=None))
+    one_hot = np.eye(13, dtype=np.float32)[[0, 5, 12]]
+    probabilities = np.random.default_rng(0).dirichlet(np.ones(13), 3).astype(np.float32)
+    targets = one_hot * (1 - smoothing) + smoothing / 13
+    expected = -(targets * np.log(probabilities)).sum(axis=1).mean()
+    loss = float(trainer.loss["probabilities"](one_hot, probabilities))
+    assert loss == pytest.approx(expected, rel=1e-5)
