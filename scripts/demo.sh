@@ -20,14 +20,12 @@ else
     if [ -n "${BACKBONE_WEIGHTS:-}" ]; then
         weights=$BACKBONE_WEIGHTS
         [ -f "$weights" ] || { echo "BACKBONE_WEIGHTS=$weights: no such file" >&2; exit 1; }
-        options=(--label-smoothing 0.1)  # the GPU recipe's head, as measured
     else
         weights=runs/sketch345/backbone.npz
         [ -f "$weights" ] || sbir-engine pretrain --data data --out runs/sketch345
-        options=()
     fi
     [ -f runs/default/model.keras ] ||
-        sbir-engine train --data data --out runs/default --backbone-weights "$weights" "${options[@]}"
+        sbir-engine train --data data --out runs/default --backbone-weights "$weights"
 fi
 [ -f index/default/CURRENT ] || sbir-engine build-index --model runs/default --gallery data/gallery --out index/default
 exec sbir-engine ui --index index/default "$@"
