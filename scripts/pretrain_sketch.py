@@ -207,17 +207,14 @@ def load_images(source: Path, size: int, limit: int = 0):
     """The carried sketches and photos as uint8 size×size RGB arrays, with 345-way labels."""
     from PIL import Image
 
-    from sbir_engine.images import load_rgb
+    from sbir_engine.images import load_rgb, resize_to_array
 
     stored = np.load(source / "sketches.npz")
     categories = [str(c) for c in stored["categories"]]
 
     def upscale(bitmaps: np.ndarray) -> np.ndarray:
         # The same PIL bilinear resize as every other path into the network.
-        out = np.empty((len(bitmaps), size, size, 3), np.uint8)
-        for i, bitmap in enumerate(bitmaps):
-            out[i] = np.asarray(Image.fromarray(bitmap).convert("RGB").resize((size, size), Image.BILINEAR))
-        return out
+        return np.stack([resize_to_array(Image.fromarray(b), size).astype(np.uint8) for b in bitmaps])
 
     images = [upscale(stored["images"])]
     labels = [stored["labels"]]
@@ -361,11 +358,14 @@ def save_parts(weights: dict[str, list[np.ndarray]], out: Path, part_bytes: floa
     from sbir_engine.backbones import save_npz_weights
 
     parts: list[dict[str, list[np.ndarray]]] = [{}]
+    size = 0  # bytes in the last part
     for name, arrays in weights.items():
-        size = sum(a.nbytes for layer in parts[-1].values() for a in layer)
-        if parts[-1] and size + sum(a.nbytes for a in arrays) > part_bytes:
+        layer_bytes = sum(a.nbytes for a in arrays)
+        if parts[-1] and size + layer_bytes > part_bytes:
             parts.append({})
+            size = 0
         parts[-1][name] = arrays
+        size += layer_bytes
     paths = [out / f"lite2-sketch345-{k}.npz" for k in range(len(parts))]
     for part, path in zip(parts, paths, strict=True):
         save_npz_weights(part, path)
@@ -374,11 +374,11 @@ def save_parts(weights: dict[str, list[np.ndarray]], out: Path, part_bytes: floa
 
 def merge(parts: list[Path], out: Path) -> None:
     """Join the parts a device run returns into one weights file for ``train --backbone-weights``."""
-    from sbir_engine.backbones import _load_npz, save_npz_weights
+    from sbir_engine.backbones import lite2_imagenet_weights, save_npz_weights
 
     weights = {}
-    for part in parts:
-        weights.update(_load_npz(part))
+    for part in parts:  # a missing part is named by the loader
+        weights.update(lite2_imagenet_weights(part))
     save_npz_weights(weights, out)
     print(f"wrote {out} ({len(weights)} layers)")
 
