@@ -163,18 +163,20 @@ def batches(
     shuffle: bool,
     sketches: np.ndarray | None = None,
     config=None,
+    seed: int = 0,
 ):
     """Float32 batches from an in-memory uint8 image array, reshuffled every epoch.
 
     With ``config``, each training image is augmented afresh every time it is drawn (``sketches``
-    marks the drawings, which also get stroke-width jitter).
+    marks the drawings, which also get stroke-width jitter). ``seed`` decides the order and the
+    augmentation: the same seed draws the same batches.
     """
     import keras
 
     class Batches(keras.utils.PyDataset):
         def __init__(self):
             super().__init__(workers=12)
-            self.rng = np.random.default_rng(0)
+            self.rng = np.random.default_rng(seed)
             self.order = np.arange(len(images))
             self.epoch = 0
             self.on_epoch_end()
@@ -186,7 +188,7 @@ def batches(
             rows = np.sort(self.order[i * batch : (i + 1) * batch])
             x = images[rows]
             if config is not None:
-                rng = np.random.default_rng([self.epoch, i])  # per batch: the workers are threads
+                rng = np.random.default_rng([seed, self.epoch, i])  # per batch: the workers are threads
                 x = np.stack(
                     [
                         random_affine(image, rng, config, sketches[row])
@@ -242,9 +244,13 @@ def train(
     train_depthwise: bool = False,
     precision: str = "mixed_bfloat16",
     max_epochs: int = 30,
+    seed: int = 0,
 ) -> None:
     """Train the whole backbone (but the stem, batch norm and, by default, the depthwise kernels)
-    for as many epochs as fit in ``max_seconds``, with a cosine learning rate over them."""
+    for as many epochs as fit in ``max_seconds``, with a cosine learning rate over them.
+
+    ``seed`` fixes the new layer's initialisation, dropout, batch order and augmentation; the GPU's
+    kernels (XLA, bfloat16 sums) are not bit-reproducible, so a rerun is close, not identical."""
     import keras
 
     from sbir_engine.backbones import build_backbone, unfreeze_top
@@ -263,6 +269,7 @@ def train(
     )
 
     keras.mixed_precision.set_global_policy(precision)
+    keras.utils.set_random_seed(seed)
     backbone = build_backbone("efficientnet-lite2", config.input_shape, source / "lite2-imagenet.npz")
     unfreeze_top(backbone, 1000)  # every block; batch norm stays frozen
     if not train_depthwise:
@@ -312,7 +319,7 @@ def train(
     history = {}
     try:
         history = model.fit(
-            batches(images, labels, n, batch, True, sketches, config if augment else None),
+            batches(images, labels, n, batch, True, sketches, config if augment else None, seed),
             validation_data=batches(val_images, val_labels, n, 256, shuffle=False),
             epochs=1000,
             verbose=2,
@@ -341,6 +348,7 @@ def train(
         "learning_rate": learning_rate,
         "max_seconds": max_seconds,
         "max_epochs": max_epochs,
+        "seed": seed,
         "history": {k: [float(v) for v in vs] for k, vs in history.items()},
         "embedding_images_per_second_batch256": embed_rate,
         "seconds": time.perf_counter() - started,
@@ -446,6 +454,7 @@ def main() -> None:
     )
     t.add_argument("--bench", action="store_true", help="also time both backbones' training and inference")
     t.add_argument("--limit", type=int, default=0, help="train on this many random images (smoke run)")
+    t.add_argument("--seed", type=int, default=0, help="initialisation, batch order and augmentation")
     m = sub.add_parser("merge")
     m.add_argument("parts", type=Path, nargs="+")
     m.add_argument("--out", type=Path, required=True)
@@ -467,6 +476,7 @@ def main() -> None:
             args.train_depthwise,
             args.precision,
             args.max_epochs,
+            args.seed,
         )
 
 

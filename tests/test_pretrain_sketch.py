@@ -127,6 +127,20 @@ def test_training_batches_draw_new_augmentations_each_epoch_and_repeat_within_on
     np.testing.assert_array_equal(plain[0][0], images.astype(np.float32))
 
 
+def test_the_seed_decides_the_batches(drawings):
+    images = np.stack(drawings)
+    labels = np.arange(len(images)) % 3
+    sketches = np.ones(len(images), bool)
+
+    def first_epoch(seed: int) -> list[np.ndarray]:
+        data = script.batches(images, labels, 3, 4, True, sketches, EngineConfig(), seed)
+        return [data[i][0] for i in range(len(data))]
+
+    for x, again in zip(first_epoch(1), first_epoch(1), strict=True):
+        np.testing.assert_array_equal(x, again)
+    assert not all(np.array_equal(x, y) for x, y in zip(first_epoch(1), first_epoch(2), strict=True))
+
+
 def test_weight_parts_fit_the_device_limit_and_merge_back(tmp_path):
     weights = lite2_imagenet_weights("imagenet")
     weights.pop("predictions", None)
