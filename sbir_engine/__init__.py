@@ -43,6 +43,7 @@ _EXPORTS = {
     "IndexBusyError": "build",
     "GalleryIndex": "index",
     "IndexFormatError": "index",
+    "ForeignIndexError": "index",
     "SketchEngine": "engine",
     "QueryResult": "engine",
     "Neighbour": "engine",

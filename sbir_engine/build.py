@@ -32,6 +32,7 @@ from .embed import Embedder, embed_images
 from .index import (
     TARGET_RECALL,
     Entry,
+    ForeignIndexError,
     GalleryIndex,
     IndexFormatError,
     VectorStore,
@@ -288,7 +289,11 @@ def build_index(
         store, fresh = None, False
         try:
             store = target.open()
-        except IndexFormatError as err:
+        except ForeignIndexError as err:
+            if not full:  # replacing it would delete what another program or version wrote
+                raise ForeignIndexError(f"{err}. Left as it is: `build-index --full` replaces it") from err
+            report.full_rebuild_reason = f"asked for (--full): replacing an index it cannot read ({err})"
+        except IndexFormatError as err:  # ours but damaged: the gallery rebuilds it
             report.full_rebuild_reason = f"the previous index cannot be used ({err})"
         if store is not None and store.meta["model"]["fingerprint"] != embedder.model.fingerprint():
             report.full_rebuild_reason = (

@@ -47,6 +47,22 @@ class IndexFormatError(RuntimeError):
     """An index folder that cannot be used, with the reason."""
 
 
+class ForeignIndexError(IndexFormatError):
+    """An index this sbir-engine did not write in a form it knows (a newer format, a Milvus
+    collection of someone else's): unlike a damaged index of ours, build-index does not replace it."""
+
+
+def check_format_version(meta: dict, where: str) -> None:
+    found = meta.get("format_version")
+    if not isinstance(found, int):
+        raise IndexFormatError(f"{where}: its metadata has no index format version (found {found!r})")
+    if found > FORMAT_VERSION:
+        raise ForeignIndexError(
+            f"{where} was written in index format {found}, newer than this sbir-engine reads "
+            f"({FORMAT_VERSION}); upgrade sbir-engine or rebuild the index"
+        )
+
+
 @dataclass(frozen=True)
 class Entry:
     id: int
@@ -528,12 +544,7 @@ class GalleryIndex:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise IndexFormatError(f"{meta_path}: cannot be read ({err})") from err
-        found = meta.get("format_version")
-        if not isinstance(found, int) or found > FORMAT_VERSION:
-            raise IndexFormatError(
-                f"{index_dir} was written in index format {found}, newer than this sbir-engine reads "
-                f"({FORMAT_VERSION}); upgrade sbir-engine or rebuild the index"
-            )
+        check_format_version(meta, str(index_dir))
         try:
             index = faiss.read_index(str(version / "index.faiss"))
             vectors = np.load(version / "vectors.npy", allow_pickle=False, mmap_mode="r")

@@ -27,7 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .index import Entry, GalleryIndex, IndexFormatError, query_matrix
+from .index import (
+    Entry,
+    ForeignIndexError,
+    GalleryIndex,
+    IndexFormatError,
+    check_format_version,
+    query_matrix,
+)
 
 DEFAULT_COLLECTION = "sbir_gallery"
 META_PROPERTY = "sbir.meta"
@@ -101,13 +108,14 @@ class MilvusStore:
             return None
         properties = client.describe_collection(collection).get("properties") or {}
         if META_PROPERTY not in properties:
-            raise IndexFormatError(
+            raise ForeignIndexError(
                 f"{uri}: collection {collection!r} was not written by sbir-engine (no {META_PROPERTY})"
             )
         try:
             meta = json.loads(properties[META_PROPERTY])
         except ValueError as err:
             raise IndexFormatError(f"{uri}: collection {collection!r} has damaged metadata ({err})") from err
+        check_format_version(meta, f"{uri}: collection {collection!r}")
         client.load_collection(collection)
         return cls(client, uri, collection, meta)
 

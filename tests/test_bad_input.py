@@ -408,6 +408,21 @@ def test_cli_refuses_mismatched_or_damaged_indexes_in_one_line(built, corpus, sm
     assert {e.path: e.id for e in GalleryIndex.load(copy).entries.values()} == ids
 
 
+def test_build_leaves_an_index_of_a_newer_format_alone_unless_told(built, corpus, small_run, tmp_path):
+    copy = tmp_path / "newer"
+    shutil.copytree(built[1], copy)
+    edit_meta(copy, format_version=99)
+    before = {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    line = one_line_error(CliRunner().invoke(app, build_args(small_run, corpus.root, copy)))
+    assert "index format 99, newer than this sbir-engine reads" in line
+    assert "Left as it is: `build-index --full` replaces it" in line
+    assert {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+    replaced = CliRunner().invoke(app, build_args(small_run, corpus.root, copy) + ["--full"])
+    assert replaced.exit_code == 0, replaced.output
+    assert "full rebuild: asked for (--full): replacing an index it cannot read" in replaced.output
+    assert len(GalleryIndex.load(copy)) == len(corpus.good)
+
+
 def test_an_index_written_with_utf8_names_loads_under_an_ascii_locale(built):
     """The manifest is UTF-8 whatever the locale: non-ASCII file names survive a C-locale reader."""
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}

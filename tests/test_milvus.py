@@ -164,3 +164,20 @@ def test_build_index_into_milvus_is_incremental(small_run, small_gallery, tmp_pa
     assert sorted(e.path for e in store.entries.values()) == sorted(
         p.relative_to(small_gallery).as_posix() for p in small_gallery.rglob("*") if p.is_file()
     )
+
+
+def test_build_index_leaves_a_collection_it_did_not_write_alone(small_run, small_gallery, tmp_path):
+    from pymilvus import MilvusClient
+
+    uri = str(tmp_path / "shared.db")
+    client = MilvusClient(uri)
+    client.create_collection("theirs", dimension=4)
+    client.insert("theirs", [{"id": i, "vector": [float(i), 1.0, 0.0, 0.0]} for i in range(3)])
+    command = ["build-index", "--model", str(small_run), "--gallery", str(small_gallery)]
+    command += ["--backend", "milvus", "--uri", uri, "--collection", "theirs"]
+    refused = CliRunner().invoke(app, command)
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert "collection 'theirs' was not written by sbir-engine" in refused.output
+    assert "Left as it is: `build-index --full` replaces it" in refused.output
+    client.load_collection("theirs")
+    assert len(client.query("theirs", filter="id >= 0", output_fields=["id"])) == 3
