@@ -223,6 +223,9 @@ def train(
     label_smoothing: Annotated[
         float, typer.Option(help="Soften the cross-entropy's one-hot targets by this much (0 = off).")
     ] = DEFAULTS.label_smoothing,
+    sketch_views: Annotated[
+        int, typer.Option(help="Augmented views of each training sketch whose features are cached.")
+    ] = DEFAULTS.sketch_views,
 ) -> None:
     """Train the classifier (frozen backbone, cached features; optionally fine-tune its top)."""
     from .train import train as train_model
@@ -238,6 +241,7 @@ def train(
             test_time_mirror=mirror,
             stroke_jitter=stroke_jitter,
             label_smoothing=label_smoothing,
+            sketch_views=sketch_views,
         )
         metrics = train_model(data, out, config, backbone_weights, fine_tune, fine_tune_epochs)
     except _errors() as err:

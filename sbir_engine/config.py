@@ -102,8 +102,9 @@ class EngineConfig:
             raise ValueError("a classifier needs at least two classes")
         if len(set(self.classes)) != len(self.classes):
             raise ValueError(f"duplicate class names in {self.classes}")
-        if self.pretrain_views < 1:
-            raise ValueError(f"pretrain_views must be 1 or more (got {self.pretrain_views})")
+        for name in ("pretrain_views", "sketch_views"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be 1 or more (got {getattr(self, name)})")
 
     @property
     def mirror(self) -> bool:

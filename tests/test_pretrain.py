@@ -54,10 +54,15 @@ def test_pretraining_sees_only_the_training_split_of_the_dataset(pretrained, sma
     assert 0.0 <= history["val_accuracy"][0] <= 1.0
 
 
-def test_pretrain_refuses_a_view_count_below_one_before_any_work(small_dataset, tmp_path):
+def test_pretrain_and_train_refuse_a_view_count_below_one_before_any_work(small_dataset, tmp_path):
     out = tmp_path / "out"
     args = ["pretrain", "--data", str(small_dataset), "--out", str(out), "--views", "0"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1, result.output
     assert result.output.strip() == "error: pretrain_views must be 1 or more (got 0)"
+    assert not out.exists()
+    train = ["train", "--data", str(small_dataset), "--out", str(out), "--sketch-views", "0"]
+    result = CliRunner().invoke(app, train)
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == "error: sketch_views must be 1 or more (got 0)"
     assert not out.exists()
