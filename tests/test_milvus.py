@@ -181,3 +181,4 @@ def test_build_index_leaves_a_collection_it_did_not_write_alone(small_run, small
     assert "Left as it is: `build-index --full` replaces it" in refused.output
     client.load_collection("theirs")
     assert len(client.query("theirs", filter="id >= 0", output_fields=["id"])) == 3
+    client.close()
