@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import keras
 import numpy as np
 
 from sbir_engine.data import load_split
 from sbir_engine.metrics import top_k_accuracy
-from sbir_engine.model import SketchModel, apply_head, l2_normalize, load_model
-from sbir_engine.train import backbone_features
+from sbir_engine.model import SketchModel, load_model
+from sbir_engine.train import backbone_features, contrastive_trainer
 
 NEIGHBOURS = 10
 VOTE_TEMPERATURE = 0.1
@@ -41,10 +40,10 @@ def sketch_features(model: SketchModel, data: Path, split: str, views: int = 0):
     return plain[:, 0], augmented, labels
 
 
-def unit_embeddings(model: SketchModel, features: np.ndarray) -> np.ndarray:
-    inputs = keras.Input((features.shape[-1],))
-    embed = keras.Model(inputs, apply_head(model.classifier, inputs)[0])
-    return l2_normalize(np.asarray(embed.predict(features, verbose=0)))
+def head_outputs(model: SketchModel, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and unit-length 512-d embeddings of backbone features."""
+    outputs = contrastive_trainer(model).predict(features, verbose=0)
+    return np.asarray(outputs["probabilities"]), np.asarray(outputs["unit_embedding"])
 
 
 def neighbour_vote(queries: np.ndarray, bank: np.ndarray, bank_labels: np.ndarray, n_classes: int):
@@ -75,13 +74,12 @@ def main() -> None:
         for model in models:
             plain, augmented, labels = sketch_features(model, args.data, split, args.views)
             bank, _, bank_labels = sketch_features(model, args.data, "train")
-            probabilities = {"plain": np.asarray(model.head.predict(plain, verbose=0))}
+            served, embeddings = head_outputs(model, plain)
+            probabilities = {"plain": served}
             views = np.asarray(model.head.predict(augmented.reshape(-1, plain.shape[-1]), verbose=0))
             views = views.reshape(len(plain), args.views, n_classes)
             probabilities[f"tta-{args.views}"] = (probabilities["plain"] + views.sum(1)) / (args.views + 1)
-            vote = neighbour_vote(
-                unit_embeddings(model, plain), unit_embeddings(model, bank), bank_labels, n_classes
-            )
+            vote = neighbour_vote(embeddings, head_outputs(model, bank)[1], bank_labels, n_classes)
             probabilities["knn"] = (probabilities["plain"] + vote) / 2
             ensemble.append(probabilities["plain"])
             for name, p in probabilities.items():
