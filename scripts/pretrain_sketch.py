@@ -14,6 +14,7 @@ no network and no ../shared:
     # back here: join the weight files it wrote, then train the 13-class engine on them
     python scripts/pretrain_sketch.py merge OUT/lite2-sketch345-*.npz --out runs/sketch345-gpu/backbone.npz
     sbir-engine train --data data --out runs/gpu --backbone-weights runs/sketch345-gpu/backbone.npz
+    # (``average A.npz B.npz --out soup.npz``: the layer-wise mean of runs' weights, measured in the README)
 
 The held-out val/test drawings of the dataset's classes are left out of pre-training (same seeded
 split as prepare-data), so the test split stays unseen. The dataset's training photos join in,
@@ -391,6 +392,30 @@ def merge(parts: list[Path], out: Path) -> None:
     print(f"wrote {out} ({len(weights)} layers)")
 
 
+def average(files: list[Path], out: Path) -> None:
+    """Average backbone weight files layer by layer (a uniform "model soup", Wortsman et al., 2022).
+
+    Runs that start from the same ImageNet weights stay close enough for their mean to be a model;
+    batch normalisation is frozen in both pre-training routes, so its statistics are shared too.
+    """
+    from sbir_engine.backbones import lite2_imagenet_weights, save_npz_weights
+
+    loaded = [lite2_imagenet_weights(f) for f in files]
+    shapes = {name: [a.shape for a in arrays] for name, arrays in loaded[0].items()}
+    for path, weights in zip(files[1:], loaded[1:], strict=True):
+        if {name: [a.shape for a in arrays] for name, arrays in weights.items()} != shapes:
+            raise SystemExit(f"{path}: its layers or shapes differ from {files[0]}'s; not averaged")
+    mean = {
+        name: [
+            np.mean([w[name][j] for w in loaded], axis=0, dtype=np.float64).astype(a.dtype)
+            for j, a in enumerate(arrays)
+        ]
+        for name, arrays in loaded[0].items()
+    }
+    save_npz_weights(mean, out)
+    print(f"wrote {out} (mean of {len(files)} weight files, {len(mean)} layers)")
+
+
 def benchmark_backbones(config, batch: int = 128, steps: int = 20) -> dict:
     """Full-training and inference img/s of each backbone with the 512/N head (random weights)."""
     import keras
@@ -458,11 +483,16 @@ def main() -> None:
     m = sub.add_parser("merge")
     m.add_argument("parts", type=Path, nargs="+")
     m.add_argument("--out", type=Path, required=True)
+    a = sub.add_parser("average", help="layer-wise mean of backbone weight files")
+    a.add_argument("files", type=Path, nargs="+")
+    a.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.step == "prepare":
         prepare(args.data, args.carry, args.photos_per_class)
     elif args.step == "merge":
         merge(args.parts, args.out)
+    elif args.step == "average":
+        average(args.files, args.out)
     else:
         train(
             args.carry,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sbir_engine.backbones import _load_npz, build_backbone, lite2_imagenet_weights
+from sbir_engine.backbones import _load_npz, build_backbone, lite2_imagenet_weights, save_npz_weights
 from sbir_engine.config import EngineConfig
 from sbir_engine.data import read_quickdraw_bitmaps
 from sbir_engine.images import normalize_sketch, resize_to_array
@@ -156,3 +156,23 @@ def test_weight_parts_fit_the_device_limit_and_merge_back(tmp_path):
             np.testing.assert_array_equal(a, b)
     model = build_backbone("efficientnet-lite2", (180, 180, 3), merged)
     np.testing.assert_array_equal(model.get_layer("top_conv").get_weights()[0], weights["top_conv"][0])
+
+
+def test_average_is_the_layerwise_mean_and_refuses_other_layers(tmp_path):
+    weights = lite2_imagenet_weights("imagenet")
+    weights.pop("predictions", None)
+    shifted = {name: [a.copy() for a in arrays] for name, arrays in weights.items()}
+    shifted["top_conv"][0] += 0.5
+    save_npz_weights(weights, tmp_path / "a.npz")
+    save_npz_weights(shifted, tmp_path / "b.npz")
+    script.average([tmp_path / "a.npz", tmp_path / "b.npz"], tmp_path / "soup.npz")
+    soup = _load_npz(tmp_path / "soup.npz")
+    np.testing.assert_allclose(soup["top_conv"][0], weights["top_conv"][0] + 0.25, atol=1e-6)
+    np.testing.assert_array_equal(soup["stem_conv"][0], weights["stem_conv"][0])
+    build_backbone("efficientnet-lite2", (180, 180, 3), tmp_path / "soup.npz")
+
+    del shifted["top_conv"]
+    save_npz_weights(shifted, tmp_path / "other.npz")
+    with pytest.raises(SystemExit, match="other.npz: its layers or shapes differ"):
+        script.average([tmp_path / "a.npz", tmp_path / "other.npz"], tmp_path / "bad.npz")
+    assert not (tmp_path / "bad.npz").exists()
