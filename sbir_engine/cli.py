@@ -171,6 +171,9 @@ def pretrain(
         int, typer.Option(help="Cached views per image: as is, mirrored, then augmented ones.")
     ] = DEFAULTS.pretrain_views,
     seed: Annotated[int, typer.Option(help="Random seed (new layer, order, view picks).")] = DEFAULTS.seed,
+    cut: Annotated[
+        str, typer.Option(help="Layer that splits the backbone (default: the backbone's own; README).")
+    ] = DEFAULTS.pretrain_cut,
 ) -> None:
     """Adapt the backbone's top blocks to drawings: all QuickDraw categories, before `train`."""
     from .pretrain import WEIGHTS_FILE, pretrain_backbone
@@ -181,6 +184,7 @@ def pretrain(
             pretrain_epochs=epochs,
             pretrain_learning_rate=learning_rate,
             pretrain_views=views,
+            pretrain_cut=cut,
             seed=seed,
         )
         report = pretrain_backbone(data, out, config)

@@ -70,6 +70,9 @@ class EngineConfig:
     # Views of each image cached below the cut: as is, mirrored, and (beyond 2) augmented like
     # ``train``'s views; each epoch trains on one of them per image, picked at random.
     pretrain_views: int = 2
+    # The layer that splits the backbone: activations below it are cached, the blocks above it
+    # train ("" = the backbone's default, sbir_engine.pretrain.DEFAULT_CUTS).
+    pretrain_cut: str = ""
     # Cross-entropy against targets softened by this much (0 = the original one-hot targets).
     label_smoothing: float = 0.0
     # Metric learning on the 512-d embedding: weight of the supervised contrastive term (0 = off).

@@ -42,14 +42,14 @@ def pretrain_backbone(
     out_dir: Path,
     config: EngineConfig | None = None,
     batch_size: int = 128,
-    cut: str | None = None,
     drawings_per_category: int = 0,
     categories: int = 0,
     verbose: int = 2,
 ) -> dict:
     """Write ``out_dir/backbone.npz`` (for ``train --backbone-weights``) and return the report.
 
-    Epochs and learning rate come from ``config.pretrain_epochs`` / ``pretrain_learning_rate``.
+    Epochs, learning rate and the cut come from ``config.pretrain_epochs`` /
+    ``pretrain_learning_rate`` / ``pretrain_cut``.
 
     ``drawings_per_category`` / ``categories`` (0 = all) shrink the run for quick checks.
     """
@@ -69,9 +69,8 @@ def pretrain_backbone(
     own = cap_per_class(load_split(data_dir, "train"), "photo", config.pretrain_photos_per_class, config.seed)
     val = load_split(data_dir, "val", ("sketch",))
     backbone = build_backbone(config.backbone, config.input_shape, "imagenet")
-    cut = cut or DEFAULT_CUTS[config.backbone]
-    lower = keras.Model(backbone.input, backbone.get_layer(cut).output)
-    upper = keras.Model(backbone.get_layer(cut).output, backbone.output)
+    cut = config.pretrain_cut or DEFAULT_CUTS[config.backbone]
+    lower, upper = split_at(backbone, cut)
 
     count = config.pretrain_views
     # Built only when used: its layers draw seeds, which would change the default run's other draws.
@@ -161,6 +160,21 @@ def pretrain_backbone(
     }
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def split_at(backbone: keras.Model, cut: str) -> tuple[keras.Model, keras.Model]:
+    """The backbone as two models, below and above the layer ``cut``; a clear error otherwise."""
+    names = [layer.name for layer in backbone.layers]
+    if cut not in names:
+        outputs = ", ".join(n for n in names if n.endswith(("_add", "_out")))
+        raise ValueError(
+            f"pretrain cut {cut!r}: {backbone.name} has no such layer (its blocks' outputs include {outputs})"
+        )
+    try:
+        upper = keras.Model(backbone.get_layer(cut).output, backbone.output)
+    except ValueError as err:  # a layer inside a block: a skip connection passes around it
+        raise ValueError(f"pretrain cut {cut!r} does not split {backbone.name} in two ({err})") from err
+    return keras.Model(backbone.input, backbone.get_layer(cut).output), upper
 
 
 def _read_samples(

@@ -66,3 +66,16 @@ def test_pretrain_and_train_refuse_a_view_count_below_one_before_any_work(small_
     assert result.exit_code == 1, result.output
     assert result.output.strip() == "error: sketch_views must be 1 or more (got 0)"
     assert not out.exists()
+
+
+def test_pretrain_refuses_a_cut_that_is_no_layer_or_splits_a_block(small_dataset, tmp_path):
+    out = tmp_path / "out"
+    base = ["pretrain", "--data", str(small_dataset), "--out", str(out), "--cut"]
+    result = CliRunner().invoke(app, [*base, "block99_add"])
+    assert result.exit_code == 1, result.output
+    assert "pretrain cut 'block99_add': efficientnet-lite2 has no such layer" in result.output
+    assert "block14_add" in result.output  # the message names cuts that work
+    result = CliRunner().invoke(app, [*base, "block14_expand_conv"])  # block14's skip passes around it
+    assert result.exit_code == 1, result.output
+    assert "pretrain cut 'block14_expand_conv' does not split efficientnet-lite2 in two" in result.output
+    assert not out.exists()
