@@ -117,7 +117,8 @@ def pretrain_backbone(
     [x_val] = activations(iter([val_images.astype(np.float32)]), len(y_val), "lower blocks (validation)")
     lowered = time.perf_counter() - started
 
-    trainable = unfreeze_top(backbone, 1000)
+    unfreeze_top(backbone, 1000)  # every block but batch norm; only those above the cut get gradients
+    adapted = [layer.name for layer in upper.layers if layer.trainable_weights]
     inputs = keras.Input(upper.input.shape[1:])
     dropped = keras.layers.Dropout(0.2)(upper(inputs))
     model = keras.Model(inputs, keras.layers.Dense(len(names), activation="softmax")(dropped))
@@ -146,7 +147,7 @@ def pretrain_backbone(
     report = {
         "backbone": config.backbone,
         "cut": cut,
-        "adapted_layers": len(trainable),
+        "adapted_layers": len(adapted),
         "categories": len(names),
         "training_images": int(len(labels)),
         "own_training_images": len(own_labels),

@@ -37,6 +37,7 @@ def test_pretraining_adapts_only_the_top_blocks(pretrained):
     blocks = {int(m.group(1)) for name in changed if (m := re.match(r"block(\d+)_", name))}
     assert min(blocks) == 15 and not any(name.startswith("stem") for name in changed)  # cut: block14_add
     assert not any(name.endswith("_bn") for name in changed)  # batch-norm statistics stay ImageNet's
+    assert report["adapted_layers"] == len(changed)  # the report counts the layers that trained
 
 
 def test_pretraining_sees_only_the_training_split_of_the_dataset(pretrained, small_dataset):
