@@ -400,10 +400,12 @@ def average(files: list[Path], out: Path) -> None:
     """
     from sbir_engine.backbones import lite2_imagenet_weights, save_npz_weights
 
+    def layout(weights: dict[str, list[np.ndarray]]) -> dict[str, list[tuple[int, ...]]]:
+        return {name: [a.shape for a in arrays] for name, arrays in weights.items()}
+
     loaded = [lite2_imagenet_weights(f) for f in files]
-    shapes = {name: [a.shape for a in arrays] for name, arrays in loaded[0].items()}
     for path, weights in zip(files[1:], loaded[1:], strict=True):
-        if {name: [a.shape for a in arrays] for name, arrays in weights.items()} != shapes:
+        if layout(weights) != layout(loaded[0]):
             raise SystemExit(f"{path}: its layers or shapes differ from {files[0]}'s; not averaged")
     mean = {
         name: [

@@ -76,22 +76,25 @@ def main() -> None:
 
     models = [load_model(run) for run in args.runs]
     n_classes = len(models[0].classes)
+    banks = []  # each run's training sketches for the vote: (unit embeddings, labels), both splits'
+    for model in models:
+        bank, _, bank_labels, _ = sketch_features(model, args.data, "train")
+        banks.append((head_outputs(model, bank)[1], bank_labels))
     scores: dict[str, dict[str, list[tuple[float, float]]]] = {}
     missed_by_all: dict[str, tuple[list[str], int]] = {}
     for split in ("val", "test"):
         table = scores[split] = {}
         ensemble = []
         missed: set[str] | None = None
-        for model in models:
+        for model, (bank, bank_labels) in zip(models, banks, strict=True):
             plain, augmented, labels, paths = sketch_features(model, args.data, split, args.views)
-            bank, _, bank_labels, _ = sketch_features(model, args.data, "train")
             served, embeddings = head_outputs(model, plain)
             probabilities = {"plain": served}
             if args.views:
                 views = np.asarray(model.head.predict(augmented.reshape(-1, plain.shape[-1]), verbose=0))
                 views = views.reshape(len(plain), args.views, n_classes)
                 probabilities[f"tta-{args.views}"] = (served + views.sum(1)) / (args.views + 1)
-            vote = neighbour_vote(embeddings, head_outputs(model, bank)[1], bank_labels, n_classes)
+            vote = neighbour_vote(embeddings, bank, bank_labels, n_classes)
             probabilities["knn"] = (probabilities["plain"] + vote) / 2
             ensemble.append(probabilities["plain"])
             misses = top3_misses(served, labels, paths)
