@@ -285,6 +285,7 @@ def train(
     plot_history(history, out_dir / "history.png")
     metrics = {
         "backbone": config.backbone,
+        "backbone_weights": str(weights),  # which pre-training the run stands on
         "classes": list(config.classes),
         "epochs_run": len(history["loss"]),
     }

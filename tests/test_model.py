@@ -29,6 +29,7 @@ def test_resnet50_head_matches_the_original_system():
 def test_small_training_run_beats_chance_by_far(small_run, small_metrics):
     """Five real classes (chance 0.2), a few epochs on cached features."""
     assert small_metrics["sketch"]["test_top1"] >= 0.6
+    assert small_metrics["backbone_weights"] == "imagenet"
     assert small_metrics["photo"]["test_top1"] >= 0.75
     assert small_metrics["sketch"]["test_top3"] >= small_metrics["sketch"]["test_top1"]
     for name in ("model.keras", "config.json", "history.csv", "history.png", "confusion_sketch.png"):
