@@ -170,6 +170,9 @@ def pretrain(
     views: Annotated[
         int, typer.Option(help="Cached views per image: as is, mirrored, then augmented ones.")
     ] = DEFAULTS.pretrain_views,
+    stroke_jitter: Annotated[
+        int, typer.Option(help="Thicken or thin drawings' ink by up to N px in all views but the first.")
+    ] = DEFAULTS.pretrain_stroke_jitter,
     seed: Annotated[int, typer.Option(help="Random seed (new layer, order, view picks).")] = DEFAULTS.seed,
     cut: Annotated[
         str, typer.Option(help="Layer that splits the backbone (default: the backbone's own; README).")
@@ -184,6 +187,7 @@ def pretrain(
             pretrain_epochs=epochs,
             pretrain_learning_rate=learning_rate,
             pretrain_views=views,
+            pretrain_stroke_jitter=stroke_jitter,
             pretrain_cut=cut,
             seed=seed,
         )

