@@ -79,7 +79,7 @@ def pretrain_backbone(
     # Built only when used: its layers draw seeds, which would change the default run's other draws.
     augmenter = make_augmenter(config) if count > 2 else None
     jitter = config.pretrain_stroke_jitter
-    strokes = RandomStrokeWidth(jitter, seed=config.seed) if jitter and count > 1 else None
+    strokes = RandomStrokeWidth(jitter, seed=config.seed) if jitter else None
 
     def activations(images: Batches, total: int, description: str, views: int = 1):
         """Lower-block activations of each batch: as is, then mirrored, then augmented views."""

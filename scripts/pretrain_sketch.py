@@ -404,8 +404,9 @@ def average(files: list[Path], out: Path) -> None:
         return {name: [a.shape for a in arrays] for name, arrays in weights.items()}
 
     loaded = [lite2_imagenet_weights(f) for f in files]
+    first = layout(loaded[0])
     for path, weights in zip(files[1:], loaded[1:], strict=True):
-        if layout(weights) != layout(loaded[0]):
+        if layout(weights) != first:
             raise SystemExit(f"{path}: its layers or shapes differ from {files[0]}'s; not averaged")
     mean = {
         name: [
