@@ -127,20 +127,29 @@ def backbone_features(
     return features, kept
 
 
-def contrastive_trainer(model: SketchModel) -> keras.Model:
-    """The head with a second output, the unit-length embedding, for the metric-learning term."""
-    features = keras.Input(model.head.input.shape[1:], name="features")
+def contrastive_trainer(model: SketchModel, images: bool = False) -> keras.Model:
+    """The head with a second output, the unit-length embedding, for the metric-learning term: on
+    cached backbone features, or with ``images`` on images through the backbone (fine-tuning)."""
+    if images:
+        inputs = keras.Input(model.config.input_shape, name="image")
+        # training=False keeps batch-norm statistics fixed, as in the classifier.
+        features = model.backbone(inputs, training=False)
+    else:
+        inputs = features = keras.Input(model.head.input.shape[1:], name="features")
     embedding, probabilities = apply_head(model.head, features)
     unit = keras.layers.UnitNormalization(name="unit_embedding")(embedding)
-    return keras.Model(features, {"probabilities": probabilities, "unit_embedding": unit})
+    return keras.Model(inputs, {"probabilities": probabilities, "unit_embedding": unit})
 
 
-def compiled_trainer(model: SketchModel) -> keras.Model:
-    """The head with its two losses: cross-entropy on the classes, contrastive on the embedding."""
+def compiled_trainer(
+    model: SketchModel, images: bool = False, learning_rate: float | None = None
+) -> keras.Model:
+    """The head with its two losses: cross-entropy on the classes, contrastive on the embedding
+    (``images``: the whole network, for fine-tuning, at ``learning_rate``)."""
     config = model.config
-    trainer = contrastive_trainer(model)
+    trainer = contrastive_trainer(model, images)
     trainer.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate or config.learning_rate),
         loss={
             "probabilities": keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
             "unit_embedding": supervised_contrastive_loss(config),

@@ -4,6 +4,7 @@ import numpy as np
 
 from sbir_engine.data import load_split
 from sbir_engine.finetune import AugmentedImages, fine_tune
+from sbir_engine.images import load_rgb
 from sbir_engine.model import load_model
 
 
@@ -17,6 +18,7 @@ def test_fine_tune_moves_only_the_top_blocks(small_run, small_dataset, tmp_path)
     history = fine_tune(model, small_dataset, n_blocks=1, epochs=1, verbose=0, train_samples=samples)
 
     assert len(history["loss"]) == 1 and np.isfinite(history["loss"][0])
+    assert np.isfinite(history["unit_embedding_loss"][0])  # the contrastive term trains too
     changed = {
         path for path, value in before.items() if not np.array_equal(value, np.array(_weight(model, path)))
     }
@@ -28,13 +30,29 @@ def test_fine_tune_moves_only_the_top_blocks(small_run, small_dataset, tmp_path)
     assert load_model(tmp_path).fingerprint() == model.fingerprint()
 
 
-def test_augmented_batches_are_images_and_one_hot_labels(small_run, small_dataset):
+def test_augmented_batches_mix_classes_and_weigh_the_domains_equally(small_run, small_dataset):
     model = load_model(small_run)
-    samples = load_split(small_dataset, "train", ("sketch", "photo"))[:40]
-    images, labels = AugmentedImages(samples, model, augment=True)[0]
-    assert images.shape == (model.config.batch_size, 180, 180, 3) and images.dtype == np.float32
+    samples = load_split(small_dataset, "train", ("sketch", "photo"))  # sorted by domain and class
+    data = AugmentedImages(samples, model, augment=True)
+    images, targets, weights = data[0]
+    size = model.config.batch_size
+    assert images.shape == (size, 180, 180, 3) and images.dtype == np.float32
     assert 0 <= images.min() and images.max() <= 255 + 1e-3  # interpolation rounding
+    labels = targets["probabilities"]
+    np.testing.assert_array_equal(labels, targets["unit_embedding"])
     np.testing.assert_array_equal(labels.sum(axis=1), 1)
+    assert len(np.unique(labels.argmax(axis=1))) > 3  # shuffled from the first epoch
+    # Each domain's weights add up to half the split, whatever its count.
+    domains = np.array([s.domain for s in samples])
+    sketches, photos = (domains == "sketch").sum(), (domains == "photo").sum()
+    assert sketches != photos
+    chosen = domains[data.order[:size]]
+    expected = np.where(chosen == "sketch", len(samples) / (2 * sketches), len(samples) / (2 * photos))
+    np.testing.assert_allclose(weights, expected, rtol=1e-6)
+    assert {"sketch", "photo"} <= set(chosen)
+    # Validation batches keep the split's order, unaugmented.
+    plain, _, _ = AugmentedImages(samples, model, augment=False)[0]
+    np.testing.assert_array_equal(plain[0], load_rgb(samples[0].path, 180))
 
 
 def _weight(model, path):
