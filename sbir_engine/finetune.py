@@ -52,10 +52,9 @@ class AugmentedImages(keras.utils.PyDataset):
         domains = np.array([s.domain for s in batch])
         if self.augmenters is not None:
             for domain, augmenter in self.augmenters.items():
-                if (domains == domain).any():
-                    images[domains == domain] = keras.ops.convert_to_numpy(
-                        augmenter(images[domains == domain], training=True)
-                    )
+                mask = domains == domain
+                if mask.any():
+                    images[mask] = keras.ops.convert_to_numpy(augmenter(images[mask], training=True))
         labels = keras.utils.to_categorical([self.classes[s.label] for s in batch], len(self.classes))
         weights = self.weights[chosen]
         return images, {"probabilities": labels, "unit_embedding": labels}, weights
