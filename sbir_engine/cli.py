@@ -231,6 +231,10 @@ def train(
     label_smoothing: Annotated[
         float, typer.Option(help="Soften the cross-entropy's one-hot targets by this much (0 = off).")
     ] = DEFAULTS.label_smoothing,
+    weight_averaging: Annotated[
+        float,
+        typer.Option(help="Average the weights over training steps: EMA momentum, e.g. 0.99 (0 = off)."),
+    ] = DEFAULTS.weight_averaging,
     sketch_views: Annotated[
         int, typer.Option(help="Augmented views of each training sketch whose features are cached.")
     ] = DEFAULTS.sketch_views,
@@ -249,6 +253,7 @@ def train(
             test_time_mirror=mirror,
             stroke_jitter=stroke_jitter,
             label_smoothing=label_smoothing,
+            weight_averaging=weight_averaging,
             sketch_views=sketch_views,
         )
         metrics = train_model(data, out, config, backbone_weights, fine_tune, fine_tune_epochs)

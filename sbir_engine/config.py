@@ -78,6 +78,10 @@ class EngineConfig:
     pretrain_cut: str = ""
     # Cross-entropy against targets softened by this much (0 = the original one-hot targets).
     label_smoothing: float = 0.0
+    # The trained weights averaged over training steps (Polyak averaging: an exponential moving
+    # average with this momentum; 0 = off). Validation and early stopping then see the averaged
+    # weights, and the best epoch's average is what the run keeps.
+    weight_averaging: float = 0.0
     # Metric learning on the 512-d embedding: weight of the supervised contrastive term (0 = off).
     contrastive_weight: float = 1.0
     temperature: float = 0.1

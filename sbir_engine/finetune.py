@@ -75,7 +75,7 @@ def fine_tune(
 ) -> dict[str, list[float]]:
     """Unfreeze the top ``n_blocks`` of the backbone and train the whole network end to end, with
     the head's two losses (cross-entropy and the contrastive term) at a tenth of its rate."""
-    from .train import compiled_trainer
+    from .train import compiled_trainer, early_stopping
 
     config = model.config
     train_samples = train_samples or load_split(data_dir, "train", config.domains)
@@ -87,11 +87,7 @@ def fine_tune(
         validation_data=AugmentedImages(val_samples, model, augment=False, workers=4),
         epochs=epochs,
         verbose=verbose,
-        callbacks=[
-            keras.callbacks.EarlyStopping(
-                monitor="val_probabilities_accuracy", mode="max", patience=2, restore_best_weights=True
-            )
-        ],
+        callbacks=early_stopping(config, patience=2),
     ).history
     model.backbone.trainable = False
     return {name.replace("probabilities_", ""): values for name, values in history.items()}

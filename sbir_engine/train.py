@@ -148,8 +148,11 @@ def compiled_trainer(
     (``images``: the whole network, for fine-tuning, at ``learning_rate``)."""
     config = model.config
     trainer = contrastive_trainer(model, images)
+    averaging = config.weight_averaging
     trainer.compile(
-        optimizer=keras.optimizers.Adam(learning_rate or config.learning_rate),
+        optimizer=keras.optimizers.Adam(
+            learning_rate or config.learning_rate, use_ema=averaging > 0, ema_momentum=averaging or 0.99
+        ),
         loss={
             "probabilities": keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
             "unit_embedding": supervised_contrastive_loss(config),
@@ -158,6 +161,18 @@ def compiled_trainer(
         weighted_metrics={"probabilities": ["accuracy"]},
     )
     return trainer
+
+
+def early_stopping(config: EngineConfig, patience: int) -> list[keras.callbacks.Callback]:
+    """Early stopping on validation accuracy that keeps the best epoch's weights: the averaged
+    weights under ``config.weight_averaging`` (swapped in before each validation, so they are the
+    ones judged and kept)."""
+    averaged = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if config.weight_averaging else []
+    return averaged + [
+        keras.callbacks.EarlyStopping(
+            monitor="val_probabilities_accuracy", mode="max", patience=patience, restore_best_weights=True
+        )
+    ]
 
 
 def supervised_contrastive_loss(config: EngineConfig):
@@ -271,12 +286,7 @@ def train(
         shuffle=True,
         verbose=verbose,
         callbacks=[
-            keras.callbacks.EarlyStopping(
-                monitor="val_probabilities_accuracy",
-                mode="max",
-                patience=config.patience,
-                restore_best_weights=True,
-            ),
+            *early_stopping(config, config.patience),
             keras.callbacks.CSVLogger(str(out_dir / "history.csv")),
         ],
     ).history

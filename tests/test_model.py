@@ -3,6 +3,7 @@
 import csv
 import json
 
+import keras
 import numpy as np
 import pytest
 
@@ -10,7 +11,7 @@ from sbir_engine.config import EngineConfig
 from sbir_engine.embed import Embedder
 from sbir_engine.images import load_rgb
 from sbir_engine.model import build_model, load_model
-from sbir_engine.train import RandomStrokeWidth, compiled_trainer
+from sbir_engine.train import RandomStrokeWidth, compiled_trainer, early_stopping
 
 
 def count(weights) -> int:
@@ -110,3 +111,41 @@ def test_label_smoothing_softens_the_cross_entropy_targets(smoothing):
     expected = -(targets * np.log(probabilities)).sum(axis=1).mean()
     loss = float(trainer.loss["probabilities"](one_hot, probabilities))
     assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_weight_averaging_keeps_the_averaged_weights_that_validation_judged():
+    """With ``weight_averaging``, validation scores the averaged head each epoch and the run keeps
+    the best epoch's average, not the last step's raw weights. (Noisy class clusters stand in for
+    backbone features: what is tested is which weights the training keeps.)"""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(13, 1280)).astype(np.float32)
+
+    def clusters(n):
+        labels = rng.integers(0, 13, n)
+        features = centres[labels] + 4 * rng.normal(size=(n, 1280)).astype(np.float32)
+        one_hot = keras.utils.to_categorical(labels, 13)
+        return features, {"probabilities": one_hot, "unit_embedding": one_hot}
+
+    train, val = clusters(416), clusters(130)
+    judged = {}
+    for averaging in (0.0, 0.9):
+        config = EngineConfig(weight_averaging=averaging)
+        keras.utils.set_random_seed(0)
+        model = build_model(config, weights=None)
+        trainer = compiled_trainer(model)
+        epochs = judged[averaging] = []
+        record = keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda *_, epochs=epochs, head=model.head: epochs.append(head.get_weights())
+        )
+        history = trainer.fit(
+            *train, validation_data=val, epochs=5, batch_size=32, verbose=0,
+            callbacks=[*early_stopping(config, patience=10), record],
+        ).history["val_probabilities_accuracy"]  # fmt: skip
+        best = int(np.argmax(history))
+        for kept, weights in zip(model.head.get_weights(), epochs[best], strict=True):
+            np.testing.assert_array_equal(kept, weights)  # the best epoch's weights, as judged
+        accuracy = trainer.evaluate(*val, verbose=0, return_dict=True)["probabilities_accuracy"]
+        assert accuracy == pytest.approx(history[best])
+    # The averaged run judged (and kept) other weights than the raw ones, at every epoch.
+    for raw, averaged in zip(judged[0.0], judged[0.9], strict=True):
+        assert max(float(np.abs(a - b).max()) for a, b in zip(raw, averaged, strict=True)) > 1e-3
