@@ -90,4 +90,4 @@ def fine_tune(
         callbacks=early_stopping(config, patience=2),
     ).history
     model.backbone.trainable = False
-    return {name.replace("probabilities_", ""): values for name, values in history.items()}
+    return history

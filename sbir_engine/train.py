@@ -151,7 +151,7 @@ def compiled_trainer(
     averaging = config.weight_averaging
     trainer.compile(
         optimizer=keras.optimizers.Adam(
-            learning_rate or config.learning_rate, use_ema=averaging > 0, ema_momentum=averaging or 0.99
+            learning_rate or config.learning_rate, use_ema=averaging > 0, ema_momentum=averaging
         ),
         loss={
             "probabilities": keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
@@ -290,7 +290,6 @@ def train(
             keras.callbacks.CSVLogger(str(out_dir / "history.csv")),
         ],
     ).history
-    history = {k.replace("probabilities_", ""): v for k, v in history.items()}
     if fine_tune_blocks:
         from .finetune import fine_tune
 
@@ -299,6 +298,8 @@ def train(
         )
         for name, values in history_ft.items():
             history.setdefault(name, []).extend(values)
+    # Both phases name the classifier's metrics after its output ("probabilities_accuracy").
+    history = {k.replace("probabilities_", ""): v for k, v in history.items()}
 
     model.save(out_dir)
     plot_history(history, out_dir / "history.png")
