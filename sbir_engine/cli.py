@@ -238,6 +238,13 @@ def train(
     sketch_views: Annotated[
         int, typer.Option(help="Augmented views of each training sketch whose features are cached.")
     ] = DEFAULTS.sketch_views,
+    augment: Annotated[
+        bool,
+        typer.Option(
+            "--augment/--no-augment",
+            help="Train the head on augmented views, or on each image as the engine serves it.",
+        ),
+    ] = DEFAULTS.augment,
 ) -> None:
     """Train the classifier (frozen backbone, cached features; optionally fine-tune its top)."""
     from .train import train as train_model
@@ -255,6 +262,7 @@ def train(
             label_smoothing=label_smoothing,
             weight_averaging=weight_averaging,
             sketch_views=sketch_views,
+            augment=augment,
         )
         metrics = train_model(data, out, config, backbone_weights, fine_tune, fine_tune_epochs)
     except _errors() as err:

@@ -56,7 +56,11 @@ class EngineConfig:
     # Training sketches' ink is thickened or thinned by up to this many pixels (at image_size) at
     # random: browser canvases and QuickDraw's bitmaps draw the same line at different widths.
     stroke_jitter: int = 1
-    # Frozen-backbone training caches backbone features of K augmented views per image.
+    # Frozen-backbone training caches backbone features of K augmented views per image. Without
+    # ``augment`` the head trains on the one view the engine serves instead (the image and its
+    # mirror image averaged), which scored higher on sketch-pre-trained backbones (docs/quality.md);
+    # fine-tuning (``train --fine-tune``) augments its images on the fly either way.
+    augment: bool = True
     sketch_views: int = 8
     photo_views: int = 2
     max_photos_per_class: int = 300

@@ -219,6 +219,26 @@ def domain_balanced_weights(domains: list[str]) -> np.ndarray:
     return np.array([len(domains) / (len(share) * share[d]) for d in domains], dtype=np.float32)
 
 
+def training_features(model: SketchModel, samples: list[Sample]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The head's training rows: backbone features of ``sketch_views`` / ``photo_views`` augmented
+    views of each sample or, without ``config.augment``, of each sample as the engine serves it;
+    with their class indices and domains."""
+    config = model.config
+    index = {label: i for i, label in enumerate(config.classes)}
+    features, labels, domains = [], [], []
+    for domain, views in (("sketch", config.sketch_views), ("photo", config.photo_views)):
+        subset = [s for s in samples if s.domain == domain]
+        if not subset:
+            continue
+        views = views if config.augment else 1
+        description = f"{domain} train ×{views}" if config.augment else f"{domain} train as served"
+        feats, kept = backbone_features(model, subset, views, config.augment, description)
+        features.append(feats.reshape(-1, feats.shape[-1]))
+        labels.extend(index[s.label] for s in kept for _ in range(views))
+        domains.extend(domain for s in kept for _ in range(views))
+    return np.concatenate(features), np.array(labels), domains
+
+
 def train(
     data_dir: Path,
     out_dir: Path,
@@ -250,19 +270,7 @@ def train(
     train_samples = cap_per_class(
         load_split(data_dir, "train", domains), "photo", config.max_photos_per_class, config.seed
     )
-    x_train, y_train, d_train = [], [], []
-    for domain, views in (("sketch", config.sketch_views), ("photo", config.photo_views)):
-        subset = [s for s in train_samples if s.domain == domain]
-        if not subset:
-            continue
-        feats, kept = backbone_features(
-            model, subset, views, augment=True, description=f"{domain} train ×{views}"
-        )
-        x_train.append(feats.reshape(-1, feats.shape[-1]))
-        y_train.extend(index[s.label] for s in kept for _ in range(views))
-        d_train.extend(domain for s in kept for _ in range(views))
-    x_train = np.concatenate(x_train)
-    y_train = np.array(y_train)
+    x_train, y_train, d_train = training_features(model, train_samples)
 
     val_feats, val_kept = backbone_features(model, load_split(data_dir, "val", domains), 1, False, "val")
     x_val, y_val = val_feats[:, 0], np.array([index[s.label] for s in val_kept])

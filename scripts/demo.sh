@@ -16,16 +16,20 @@ if [ "${FAST:-0}" = 1 ]; then
 else
     # BACKBONE_WEIGHTS: a backbone pre-trained elsewhere (the README's GPU route); otherwise the
     # CPU route (≈ 40 min on 2 cores): sketch-domain pre-training of the backbone's top blocks on
-    # all 345 QuickDraw categories. Then the head (see the README's measured figures).
+    # all 345 QuickDraw categories. Then the head (see the README's measured figures): on the CPU
+    # route's backbone it trains on each image as the engine serves it (--no-augment), on the GPU
+    # route's on augmented views, as each measured best.
     if [ -n "${BACKBONE_WEIGHTS:-}" ]; then
         weights=$BACKBONE_WEIGHTS
         [ -f "$weights" ] || { echo "BACKBONE_WEIGHTS=$weights: no such file" >&2; exit 1; }
+        head=()
     else
         weights=runs/sketch345/backbone.npz
         [ -f "$weights" ] || sbir-engine pretrain --data data --out runs/sketch345
+        head=(--no-augment)
     fi
     [ -f runs/default/model.keras ] ||
-        sbir-engine train --data data --out runs/default --backbone-weights "$weights"
+        sbir-engine train --data data --out runs/default --backbone-weights "$weights" "${head[@]}"
 fi
 [ -f index/default/CURRENT ] || sbir-engine build-index --model runs/default --gallery data/gallery --out index/default
 exec sbir-engine ui --index index/default "$@"

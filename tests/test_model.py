@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from sbir_engine.config import EngineConfig
+from sbir_engine.data import Sample
 from sbir_engine.embed import Embedder
 from sbir_engine.images import load_rgb
 from sbir_engine.model import build_model, load_model
-from sbir_engine.train import RandomStrokeWidth, compiled_trainer, early_stopping
+from sbir_engine.train import RandomStrokeWidth, compiled_trainer, early_stopping, training_features
 
 
 def count(weights) -> int:
@@ -77,6 +78,31 @@ def test_serving_sees_an_image_and_its_mirror_image_alike(small_run, small_datas
     vectors, probabilities = plain(images)
     np.testing.assert_allclose(probabilities, model.classifier.predict(images, verbose=0), atol=1e-5)
     assert np.abs(plain(mirrored)[0] - vectors).max() > 1e-3
+
+
+def test_without_augmentation_the_head_trains_on_each_image_as_the_engine_serves_it(small_run, small_dataset):
+    model = load_model(small_run)
+    cups = sorted((small_dataset / "sketch" / "train" / "cup").iterdir())[:3]
+    fish_photos = sorted((small_dataset / "photo" / "train" / "fish").iterdir())[:2]
+    samples = [Sample(p, "cup", "sketch") for p in cups] + [Sample(p, "fish", "photo") for p in fish_photos]
+    images = np.stack([load_rgb(s.path, 180) for s in samples])
+    # What the engine computes for an image: its backbone features averaged with its mirror image's.
+    backbone = model.backbone
+    served = (backbone.predict(images, verbose=0) + backbone.predict(images[:, :, ::-1], verbose=0)) / 2
+    cup, fish = model.classes.index("cup"), model.classes.index("fish")
+
+    model.config = model.config.replace(augment=False)
+    features, labels, domains = training_features(model, samples)
+    np.testing.assert_allclose(features, served, atol=1e-4)
+    assert labels.tolist() == [cup] * 3 + [fish] * 2 and domains == ["sketch"] * 3 + ["photo"] * 2
+
+    # The original recipe: sketch_views / photo_views augmented views of each image instead.
+    model.config = model.config.replace(augment=True)
+    features, labels, domains = training_features(model, samples)
+    views, photo_views = model.config.sketch_views, model.config.photo_views
+    assert views > 1 and len(features) == 3 * views + 2 * photo_views
+    assert labels.tolist() == [cup] * (3 * views) + [fish] * (2 * photo_views)
+    assert np.abs(features[:views] - served[0]).max(axis=1).min() > 1e-2
 
 
 def test_missing_run_folder_is_named(tmp_path):
