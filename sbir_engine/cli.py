@@ -236,8 +236,13 @@ def train(
         typer.Option(help="Average the weights over training steps: EMA momentum, e.g. 0.99 (0 = off)."),
     ] = DEFAULTS.weight_averaging,
     sketch_views: Annotated[
-        int, typer.Option(help="Augmented views of each training sketch whose features are cached.")
-    ] = DEFAULTS.sketch_views,
+        int | None,
+        typer.Option(
+            help="Augmented views of each training sketch whose features are cached "
+            f"(default {DEFAULTS.sketch_views}; augmented training only).",
+            show_default=False,
+        ),
+    ] = None,
     augment: Annotated[
         bool,
         typer.Option(
@@ -249,6 +254,9 @@ def train(
     """Train the classifier (frozen backbone, cached features; optionally fine-tune its top)."""
     from .train import train as train_model
 
+    if sketch_views is not None and not augment:
+        # Silently ignoring it would let a user believe a --no-augment run used N views.
+        fail("--sketch-views counts augmented views, and --no-augment trains on none: give one or the other")
     try:
         config = DEFAULTS.replace(
             backbone=backbone,
@@ -261,7 +269,7 @@ def train(
             stroke_jitter=stroke_jitter,
             label_smoothing=label_smoothing,
             weight_averaging=weight_averaging,
-            sketch_views=sketch_views,
+            sketch_views=DEFAULTS.sketch_views if sketch_views is None else sketch_views,
             augment=augment,
         )
         metrics = train_model(data, out, config, backbone_weights, fine_tune, fine_tune_epochs)

@@ -265,7 +265,6 @@ def train(
     )
     keras.utils.set_random_seed(config.seed)
     model = build_model(config, weights)
-    index = {label: i for i, label in enumerate(config.classes)}
 
     train_samples = cap_per_class(
         load_split(data_dir, "train", domains), "photo", config.max_photos_per_class, config.seed
@@ -273,7 +272,7 @@ def train(
     x_train, y_train, d_train = training_features(model, train_samples)
 
     val_feats, val_kept = backbone_features(model, load_split(data_dir, "val", domains), 1, False, "val")
-    x_val, y_val = val_feats[:, 0], np.array([index[s.label] for s in val_kept])
+    x_val, y_val = val_feats[:, 0], np.array([config.classes.index(s.label) for s in val_kept])
     n = len(config.classes)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -324,7 +323,7 @@ def train(
             model, [s for s in test if s.domain == domain], 1, False, f"{domain} test"
         )
         probs = np.asarray(model.head.predict(feats[:, 0], verbose=0))
-        labels = np.array([index[s.label] for s in kept])
+        labels = np.array([config.classes.index(s.label) for s in kept])
         metrics[domain] = {
             "test_top1": top_k_accuracy(probs, labels, 1),
             "test_top3": top_k_accuracy(probs, labels, 3),

@@ -14,7 +14,9 @@ no network and no ../shared:
     # back here: join the weight files it wrote, then train the 13-class engine on them
     python scripts/pretrain_sketch.py merge OUT/lite2-sketch345-*.npz --out runs/sketch345-gpu/backbone.npz
     sbir-engine train --data data --out runs/gpu --backbone-weights runs/sketch345-gpu/backbone.npz
-    # (``average A.npz B.npz --out soup.npz``: the layer-wise mean of runs' weights, measured in the README)
+    # (``average A.npz B.npz --out soup.npz``: the layer-wise mean of runs' weights; ``train
+    # --average-last K`` also writes OUT/averaged/, one run's last K epochs averaged; both measured
+    # in docs/quality.md)
 
 The held-out val/test drawings of the dataset's classes are left out of pre-training (same seeded
 split as prepare-data), so the test split stays unseen. The dataset's training photos join in,
@@ -246,9 +248,14 @@ def train(
     precision: str = "mixed_bfloat16",
     max_epochs: int = 30,
     seed: int = 0,
+    average_last: int = 0,
 ) -> None:
     """Train the whole backbone (but the stem, batch norm and, by default, the depthwise kernels)
     for as many epochs as fit in ``max_seconds``, with a cosine learning rate over them.
+
+    ``average_last`` K also writes, to ``out/averaged``, the mean of the weights after each of the
+    last K epochs (stochastic weight averaging along the cosine tail, Izmailov et al., 2018: one
+    run's own soup; batch norm is frozen, so no statistics need recomputing).
 
     ``seed`` fixes the new layer's initialisation, dropout, batch order and augmentation; the GPU's
     kernels (XLA, bfloat16 sums) are not bit-reproducible, so a rerun is close, not identical."""
@@ -286,6 +293,11 @@ def train(
     model = keras.Model(backbone.input, outputs)
     model.compile(keras.optimizers.Adam(learning_rate), "categorical_crossentropy", metrics=["accuracy"])
 
+    def backbone_weights() -> dict[str, list[np.ndarray]]:
+        return {layer.name: layer.get_weights() for layer in backbone.layers if layer.weights}
+
+    tail, tail_epochs = WeightMean(), []
+
     class Budget(keras.callbacks.Callback):
         """A warm-up epoch at a tenth of the rate (the 345-way layer starts random), then a cosine
         decay over the epochs that the measured epoch time leaves inside ``max_seconds``."""
@@ -315,6 +327,9 @@ def train(
                 print(f"{fit} epochs fit in {max_seconds:.0f} s; training {self.planned}", flush=True)
             if self.planned and epoch + 1 >= self.planned or now - started + seconds > max_seconds:
                 self.model.stop_training = True
+            if average_last and self.planned and epoch + 1 > self.planned - average_last:
+                tail.add(backbone_weights())
+                tail_epochs.append(epoch + 1)
 
     n = len(categories)
     history = {}
@@ -327,7 +342,10 @@ def train(
             callbacks=[Budget()],
         ).history
     finally:  # whatever stopped training, keep what it learnt
-        save_parts({layer.name: layer.get_weights() for layer in backbone.layers if layer.weights}, out)
+        save_parts(backbone_weights(), out)
+        if tail.count:
+            (out / "averaged").mkdir(exist_ok=True)
+            save_parts(tail.mean(), out / "averaged")
 
     # Inference throughput of the adapted backbone (the embedding part of the benchmark).
     probe = images[:4096].astype(np.float32)
@@ -350,6 +368,7 @@ def train(
         "max_seconds": max_seconds,
         "max_epochs": max_epochs,
         "seed": seed,
+        "averaged_epochs": tail_epochs,
         "history": {k: [float(v) for v in vs] for k, vs in history.items()},
         "embedding_images_per_second_batch256": embed_rate,
         "seconds": time.perf_counter() - started,
@@ -361,9 +380,9 @@ def train(
     print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=2))
 
 
-def save_parts(weights: dict[str, list[np.ndarray]], out: Path, part_bytes: float = 12e6) -> list[Path]:
+def save_parts(weights: dict[str, list[np.ndarray]], out: Path, part_bytes: float = 15e6) -> list[Path]:
     """Weights by layer in files of about ``part_bytes`` at most (a device run returns files of at
-    most 16 MB; ``merge`` joins them)."""
+    most 16 MiB, 8 files in all; ``merge`` joins them)."""
     from sbir_engine.backbones import save_npz_weights
 
     parts: list[dict[str, list[np.ndarray]]] = [{}]
@@ -392,6 +411,32 @@ def merge(parts: list[Path], out: Path) -> None:
     print(f"wrote {out} ({len(weights)} layers)")
 
 
+class WeightMean:
+    """The layer-wise mean of several sets of weights (``{layer: [arrays]}``), summed in float64
+    and returned in each array's own dtype: one run's last epochs, or several runs' files."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[np.ndarray]] = {}
+        self.dtypes: dict[str, list[np.dtype]] = {}
+        self.count = 0
+
+    def add(self, weights: dict[str, list[np.ndarray]]) -> None:
+        for name, arrays in weights.items():
+            sums = self.sums.get(name) or [np.zeros(a.shape, np.float64) for a in arrays]
+            self.sums[name] = [total + a for total, a in zip(sums, arrays, strict=True)]
+            self.dtypes[name] = [a.dtype for a in arrays]
+        self.count += 1
+
+    def mean(self) -> dict[str, list[np.ndarray]]:
+        return {
+            name: [
+                (total / self.count).astype(dtype)
+                for total, dtype in zip(sums, self.dtypes[name], strict=True)
+            ]
+            for name, sums in self.sums.items()
+        }
+
+
 def average(files: list[Path], out: Path) -> None:
     """Average backbone weight files layer by layer (a uniform "model soup", Wortsman et al., 2022).
 
@@ -403,20 +448,15 @@ def average(files: list[Path], out: Path) -> None:
     def layout(weights: dict[str, list[np.ndarray]]) -> dict[str, list[tuple[int, ...]]]:
         return {name: [a.shape for a in arrays] for name, arrays in weights.items()}
 
-    loaded = [lite2_imagenet_weights(f) for f in files]
-    first = layout(loaded[0])
-    for path, weights in zip(files[1:], loaded[1:], strict=True):
+    mean, first = WeightMean(), None
+    for path in files:
+        weights = lite2_imagenet_weights(path)
+        first = first or layout(weights)
         if layout(weights) != first:
             raise SystemExit(f"{path}: its layers or shapes differ from {files[0]}'s; not averaged")
-    mean = {
-        name: [
-            np.mean([w[name][j] for w in loaded], axis=0, dtype=np.float64).astype(a.dtype)
-            for j, a in enumerate(arrays)
-        ]
-        for name, arrays in loaded[0].items()
-    }
-    save_npz_weights(mean, out)
-    print(f"wrote {out} (mean of {len(files)} weight files, {len(mean)} layers)")
+        mean.add(weights)
+    save_npz_weights(mean.mean(), out)
+    print(f"wrote {out} (mean of {len(files)} weight files, {len(mean.sums)} layers)")
 
 
 def benchmark_backbones(config, batch: int = 128, steps: int = 20) -> dict:
@@ -483,6 +523,9 @@ def main() -> None:
     t.add_argument("--bench", action="store_true", help="also time both backbones' training and inference")
     t.add_argument("--limit", type=int, default=0, help="train on this many random images (smoke run)")
     t.add_argument("--seed", type=int, default=0, help="initialisation, batch order and augmentation")
+    t.add_argument(
+        "--average-last", type=int, default=0, help="also write the mean of the last K epochs' weights"
+    )
     m = sub.add_parser("merge")
     m.add_argument("parts", type=Path, nargs="+")
     m.add_argument("--out", type=Path, required=True)
@@ -510,6 +553,7 @@ def main() -> None:
             args.precision,
             args.max_epochs,
             args.seed,
+            args.average_last,
         )
 
 

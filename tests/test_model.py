@@ -6,7 +6,9 @@ import json
 import keras
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from sbir_engine.cli import app
 from sbir_engine.config import EngineConfig
 from sbir_engine.data import Sample
 from sbir_engine.embed import Embedder
@@ -103,6 +105,15 @@ def test_without_augmentation_the_head_trains_on_each_image_as_the_engine_serves
     assert views > 1 and len(features) == 3 * views + 2 * photo_views
     assert labels.tolist() == [cup] * (3 * views) + [fish] * (2 * photo_views)
     assert np.abs(features[:views] - served[0]).max(axis=1).min() > 1e-2
+
+
+def test_train_refuses_sketch_views_that_no_augment_would_ignore(small_dataset, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(small_dataset), "--out", str(out), "--no-augment", "--sketch-views", "16"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "error: --sketch-views counts augmented views" in result.output
+    assert not out.exists()
 
 
 def test_missing_run_folder_is_named(tmp_path):

@@ -212,7 +212,7 @@ def test_embedding_code_imports_neither_tensorflow_nor_faiss_off_the_tensorflow_
         "import sys, sbir_engine.embed, sbir_engine.runtime, sbir_engine.train, sbir_engine.model; "
         "print(sorted(m for m in ('tensorflow', 'faiss') if m in sys.modules))"
     )
-    env = {**os.environ, "KERAS_BACKEND": "numpy"}
+    env = {**os.environ, "KERAS_BACKEND": "jax"}  # the GPU route's backend (pretrain_sketch.py)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
