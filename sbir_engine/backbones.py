@@ -257,6 +257,38 @@ def _lite2_cache_path(pth: Path) -> Path:
     return cache_dir() / f"efficientnet-lite2-imagenet-{key}.npz"
 
 
+def layer_weights(model: keras.Model) -> dict[str, list[np.ndarray]]:
+    """A model's weights by layer name, as ``save_npz_weights`` writes them."""
+    return {layer.name: layer.get_weights() for layer in model.layers if layer.weights}
+
+
+class WeightMean:
+    """The layer-wise mean of several sets of weights (``{layer: [arrays]}``), summed in float64
+    and returned in each array's own dtype: one run's last epochs (stochastic weight averaging) or
+    several runs' weight files (a soup)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[np.ndarray]] = {}
+        self.dtypes: dict[str, list[np.dtype]] = {}
+        self.count = 0
+
+    def add(self, weights: dict[str, list[np.ndarray]]) -> None:
+        for name, arrays in weights.items():
+            sums = self.sums.get(name) or [np.zeros(a.shape, np.float64) for a in arrays]
+            self.sums[name] = [total + a for total, a in zip(sums, arrays, strict=True)]
+            self.dtypes[name] = [a.dtype for a in arrays]
+        self.count += 1
+
+    def mean(self) -> dict[str, list[np.ndarray]]:
+        return {
+            name: [
+                (total / self.count).astype(dtype)
+                for total, dtype in zip(sums, self.dtypes[name], strict=True)
+            ]
+            for name, sums in self.sums.items()
+        }
+
+
 def save_npz_weights(weights: dict[str, list[np.ndarray]], path: Path) -> None:
     """Write weights by layer name as an ``.npz`` that ``build_backbone(..., weights=path)`` loads."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -177,6 +177,9 @@ def pretrain(
     cut: Annotated[
         str, typer.Option(help="Layer that splits the backbone (default: the backbone's own; README).")
     ] = DEFAULTS.pretrain_cut,
+    average_last: Annotated[
+        int, typer.Option(help="Also write backbone-averaged.npz: the last N epochs' weights averaged.")
+    ] = DEFAULTS.pretrain_average_last,
 ) -> None:
     """Adapt the backbone's top blocks to drawings: all QuickDraw categories, before `train`."""
     from .pretrain import WEIGHTS_FILE, pretrain_backbone
@@ -189,6 +192,7 @@ def pretrain(
             pretrain_views=views,
             pretrain_stroke_jitter=stroke_jitter,
             pretrain_cut=cut,
+            pretrain_average_last=average_last,
             seed=seed,
         )
         report = pretrain_backbone(data, out, config)

@@ -77,6 +77,9 @@ class EngineConfig:
     # Drawings' ink in every view but the first thickened or thinned by up to this many pixels, as
     # ``stroke_jitter`` does for ``train`` (0 = off).
     pretrain_stroke_jitter: int = 0
+    # Also write the mean of the top blocks' weights after each of the last K epochs
+    # (stochastic weight averaging; pretrain.AVERAGED_FILE), 0 = off.
+    pretrain_average_last: int = 0
     # The layer that splits the backbone: activations below it are cached, the blocks above it
     # train ("" = the backbone's default, sbir_engine.pretrain.DEFAULT_CUTS).
     pretrain_cut: str = ""
@@ -119,6 +122,11 @@ class EngineConfig:
         for name in ("pretrain_views", "sketch_views"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be 1 or more (got {getattr(self, name)})")
+        if not 0 <= self.pretrain_average_last <= self.pretrain_epochs:
+            raise ValueError(
+                f"pretrain_average_last must be 0 to pretrain_epochs ({self.pretrain_epochs}), "
+                f"got {self.pretrain_average_last}"
+            )
 
     @property
     def mirror(self) -> bool:

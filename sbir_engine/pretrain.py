@@ -24,7 +24,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from .backbones import build_backbone, save_npz_weights, unfreeze_top
+from .backbones import WeightMean, build_backbone, layer_weights, save_npz_weights, unfreeze_top
 from .config import EngineConfig
 from .data import Sample, load_split, quickdraw_categories, read_quickdraw_bitmaps
 from .embed import progress_bar, read_batches
@@ -32,6 +32,7 @@ from .images import EmptySketchError, load_rgb, normalize_sketch, resize_to_arra
 from .train import RandomStrokeWidth, cap_per_class, make_augmenter
 
 WEIGHTS_FILE = "backbone.npz"
+AVERAGED_FILE = "backbone-averaged.npz"  # with pretrain_average_last: the last epochs' mean
 REPORT_FILE = "pretrain.json"
 # The highest block output that still has 12×12 resolution at 180 px: the blocks above it are a
 # quarter of the network's cost and are what the pre-training adapts.
@@ -133,7 +134,8 @@ def pretrain_backbone(
     )
     rng = np.random.default_rng(config.seed)
     history: dict[str, list[float]] = {}
-    for _ in range(epochs):
+    tail, tail_epochs = WeightMean(), []
+    for epoch in range(epochs):
         # One view per image (with 2 views, the same draws as a plain-or-mirrored coin flip).
         pick = (count - 1) - (rng.random(len(labels)) * count).astype(int)
         x_train = views[0].copy()
@@ -144,9 +146,13 @@ def pretrain_backbone(
         ).history
         for key, values in logs.items():
             history.setdefault(key, []).extend(float(v) for v in values)
+        if epoch >= epochs - config.pretrain_average_last:
+            tail.add(layer_weights(backbone))
+            tail_epochs.append(epoch + 1)
 
-    weights = {layer.name: layer.get_weights() for layer in backbone.layers if layer.weights}
-    save_npz_weights(weights, out_dir / WEIGHTS_FILE)
+    save_npz_weights(layer_weights(backbone), out_dir / WEIGHTS_FILE)
+    if tail.count:
+        save_npz_weights(tail.mean(), out_dir / AVERAGED_FILE)
     report = {
         "backbone": config.backbone,
         "cut": cut,
@@ -159,6 +165,7 @@ def pretrain_backbone(
         "views": count,
         "stroke_jitter": jitter,
         "seed": config.seed,
+        "averaged_epochs": tail_epochs,
         "history": history,
         "lower_blocks_seconds": round(lowered, 1),
         "seconds": round(time.perf_counter() - started, 1),

@@ -261,7 +261,7 @@ def train(
     kernels (XLA, bfloat16 sums) are not bit-reproducible, so a rerun is close, not identical."""
     import keras
 
-    from sbir_engine.backbones import build_backbone, unfreeze_top
+    from sbir_engine.backbones import WeightMean, build_backbone, layer_weights, unfreeze_top
     from sbir_engine.config import EngineConfig
 
     started = time.perf_counter()
@@ -292,9 +292,6 @@ def train(
     )
     model = keras.Model(backbone.input, outputs)
     model.compile(keras.optimizers.Adam(learning_rate), "categorical_crossentropy", metrics=["accuracy"])
-
-    def backbone_weights() -> dict[str, list[np.ndarray]]:
-        return {layer.name: layer.get_weights() for layer in backbone.layers if layer.weights}
 
     tail, tail_epochs = WeightMean(), []
 
@@ -328,7 +325,7 @@ def train(
             if self.planned and epoch + 1 >= self.planned or now - started + seconds > max_seconds:
                 self.model.stop_training = True
             if average_last and self.planned and epoch + 1 > self.planned - average_last:
-                tail.add(backbone_weights())
+                tail.add(layer_weights(backbone))
                 tail_epochs.append(epoch + 1)
 
     n = len(categories)
@@ -342,7 +339,7 @@ def train(
             callbacks=[Budget()],
         ).history
     finally:  # whatever stopped training, keep what it learnt
-        save_parts(backbone_weights(), out)
+        save_parts(layer_weights(backbone), out)
         if tail.count:
             (out / "averaged").mkdir(exist_ok=True)
             save_parts(tail.mean(), out / "averaged")
@@ -411,39 +408,13 @@ def merge(parts: list[Path], out: Path) -> None:
     print(f"wrote {out} ({len(weights)} layers)")
 
 
-class WeightMean:
-    """The layer-wise mean of several sets of weights (``{layer: [arrays]}``), summed in float64
-    and returned in each array's own dtype: one run's last epochs, or several runs' files."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, list[np.ndarray]] = {}
-        self.dtypes: dict[str, list[np.dtype]] = {}
-        self.count = 0
-
-    def add(self, weights: dict[str, list[np.ndarray]]) -> None:
-        for name, arrays in weights.items():
-            sums = self.sums.get(name) or [np.zeros(a.shape, np.float64) for a in arrays]
-            self.sums[name] = [total + a for total, a in zip(sums, arrays, strict=True)]
-            self.dtypes[name] = [a.dtype for a in arrays]
-        self.count += 1
-
-    def mean(self) -> dict[str, list[np.ndarray]]:
-        return {
-            name: [
-                (total / self.count).astype(dtype)
-                for total, dtype in zip(sums, self.dtypes[name], strict=True)
-            ]
-            for name, sums in self.sums.items()
-        }
-
-
 def average(files: list[Path], out: Path) -> None:
     """Average backbone weight files layer by layer (a uniform "model soup", Wortsman et al., 2022).
 
     Runs that start from the same ImageNet weights stay close enough for their mean to be a model;
     batch normalisation is frozen in both pre-training routes, so its statistics are shared too.
     """
-    from sbir_engine.backbones import lite2_imagenet_weights, save_npz_weights
+    from sbir_engine.backbones import WeightMean, lite2_imagenet_weights, save_npz_weights
 
     def layout(weights: dict[str, list[np.ndarray]]) -> dict[str, list[tuple[int, ...]]]:
         return {name: [a.shape for a in arrays] for name, arrays in weights.items()}

@@ -16,6 +16,7 @@ from sbir_engine import backbones
 from sbir_engine.backbones import (
     FEATURE_DIMS,
     CaffePreprocess,
+    WeightMean,
     build_backbone,
     imagenet_classifier,
     lite2_weights_from_state_dict,
@@ -147,3 +148,20 @@ def test_bad_names_and_paths(tmp_path: Path) -> None:
         build_backbone("vgg16")
     with pytest.raises(FileNotFoundError):
         build_backbone("efficientnet-lite2", weights=tmp_path / "missing.pth")
+
+
+def test_weight_mean_of_epoch_snapshots_is_their_mean_in_their_dtype():
+    rng = np.random.default_rng(0)
+    snapshots = [
+        {"conv": [rng.normal(size=(3, 3, 4)).astype(np.float32), rng.normal(size=4).astype(np.float32)]}
+        for _ in range(5)
+    ]
+    mean = WeightMean()
+    for snapshot in snapshots:
+        mean.add(snapshot)
+    averaged = mean.mean()
+    assert mean.count == 5 and [a.dtype for a in averaged["conv"]] == [np.float32, np.float32]
+    for j in range(2):
+        expected = np.mean([s["conv"][j] for s in snapshots], axis=0, dtype=np.float64)
+        np.testing.assert_allclose(averaged["conv"][j], expected, rtol=1e-6)
+    assert not np.allclose(averaged["conv"][0], snapshots[-1]["conv"][0])

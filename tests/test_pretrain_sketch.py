@@ -158,23 +158,6 @@ def test_weight_parts_fit_the_device_limit_and_merge_back(tmp_path):
     np.testing.assert_array_equal(model.get_layer("top_conv").get_weights()[0], weights["top_conv"][0])
 
 
-def test_weight_mean_of_epoch_snapshots_is_their_mean_in_their_dtype():
-    rng = np.random.default_rng(0)
-    snapshots = [
-        {"conv": [rng.normal(size=(3, 3, 4)).astype(np.float32), rng.normal(size=4).astype(np.float32)]}
-        for _ in range(5)
-    ]
-    mean = script.WeightMean()
-    for snapshot in snapshots:
-        mean.add(snapshot)
-    averaged = mean.mean()
-    assert mean.count == 5 and [a.dtype for a in averaged["conv"]] == [np.float32, np.float32]
-    for j in range(2):
-        expected = np.mean([s["conv"][j] for s in snapshots], axis=0, dtype=np.float64)
-        np.testing.assert_allclose(averaged["conv"][j], expected, rtol=1e-6)
-    assert not np.allclose(averaged["conv"][0], snapshots[-1]["conv"][0])
-
-
 def test_average_is_the_layerwise_mean_and_refuses_other_layers(tmp_path):
     weights = lite2_imagenet_weights("imagenet")
     weights.pop("predictions", None)
