@@ -254,6 +254,9 @@ def train(
             help="Train the head on augmented views, or on each image as the engine serves it.",
         ),
     ] = DEFAULTS.augment,
+    max_photos_per_class: Annotated[
+        int, typer.Option(help="Train on at most this many photos of each class (a seeded choice).")
+    ] = DEFAULTS.max_photos_per_class,
 ) -> None:
     """Train the classifier (frozen backbone, cached features; optionally fine-tune its top)."""
     from .train import train as train_model
@@ -275,6 +278,7 @@ def train(
             weight_averaging=weight_averaging,
             sketch_views=DEFAULTS.sketch_views if sketch_views is None else sketch_views,
             augment=augment,
+            max_photos_per_class=max_photos_per_class,
         )
         metrics = train_model(data, out, config, backbone_weights, fine_tune, fine_tune_epochs)
     except _errors() as err:

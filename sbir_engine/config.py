@@ -119,7 +119,7 @@ class EngineConfig:
             raise ValueError("a classifier needs at least two classes")
         if len(set(self.classes)) != len(self.classes):
             raise ValueError(f"duplicate class names in {self.classes}")
-        for name in ("pretrain_views", "sketch_views"):
+        for name in ("pretrain_views", "sketch_views", "max_photos_per_class"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be 1 or more (got {getattr(self, name)})")
         if not 0 <= self.pretrain_average_last <= self.pretrain_epochs:

@@ -239,6 +239,43 @@ def training_features(model: SketchModel, samples: list[Sample]) -> tuple[np.nda
     return np.concatenate(features), np.array(labels), domains
 
 
+def fit_head(
+    model: SketchModel,
+    train_rows: tuple[np.ndarray, np.ndarray, list[str]],
+    val_rows: tuple[np.ndarray, np.ndarray, list[str]],
+    callbacks: list[keras.callbacks.Callback] | None = None,
+    sample_weight: np.ndarray | None = None,
+    verbose: int = 2,
+) -> dict[str, list[float]]:
+    """Train ``model``'s head on cached features (features, class indices, domains) with both
+    losses; early stopping on validation accuracy keeps the best epoch. Returns the history.
+
+    ``sample_weight`` replaces the domain-balanced training weights (the validation's stay)."""
+    config = model.config
+    n = len(config.classes)
+    x_train, y_train, d_train = train_rows
+    x_val, y_val, d_val = val_rows
+    labels_train = keras.utils.to_categorical(y_train, n)
+    labels_val = keras.utils.to_categorical(y_val, n)
+    trainer = compiled_trainer(model)
+    history = trainer.fit(
+        x_train,
+        {"probabilities": labels_train, "unit_embedding": labels_train},
+        sample_weight=domain_balanced_weights(d_train) if sample_weight is None else sample_weight,
+        validation_data=(
+            x_val,
+            {"probabilities": labels_val, "unit_embedding": labels_val},
+            domain_balanced_weights(d_val),
+        ),
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        shuffle=True,
+        verbose=verbose,
+        callbacks=[*early_stopping(config, config.patience), *(callbacks or [])],
+    )
+    return history.history
+
+
 def train(
     data_dir: Path,
     out_dir: Path,
@@ -276,27 +313,9 @@ def train(
     n = len(config.classes)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels_train = keras.utils.to_categorical(y_train, n)
-    labels_val = keras.utils.to_categorical(y_val, n)
-    trainer = compiled_trainer(model)
-    history = trainer.fit(
-        x_train,
-        {"probabilities": labels_train, "unit_embedding": labels_train},
-        sample_weight=domain_balanced_weights(d_train),
-        validation_data=(
-            x_val,
-            {"probabilities": labels_val, "unit_embedding": labels_val},
-            domain_balanced_weights([s.domain for s in val_kept]),
-        ),
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        shuffle=True,
-        verbose=verbose,
-        callbacks=[
-            *early_stopping(config, config.patience),
-            keras.callbacks.CSVLogger(str(out_dir / "history.csv")),
-        ],
-    ).history
+    d_val = [s.domain for s in val_kept]
+    logger = keras.callbacks.CSVLogger(str(out_dir / "history.csv"))
+    history = fit_head(model, (x_train, y_train, d_train), (x_val, y_val, d_val), [logger], verbose=verbose)
     if fine_tune_blocks:
         from .finetune import fine_tune
 

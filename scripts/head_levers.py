@@ -1,0 +1,129 @@
+"""Head levers on cached features (issue #5): what the 13-way head still gains from data or weights.
+
+For each training seed, heads train as `sbir-engine train --no-augment` trains them (`fit_head` on
+the features the engine serves), under these variants:
+- ``sketches F``: a class-stratified share F of the training sketches, all the photos: the
+  learning curve, which tells what training on more drawings (train + validation) could add;
+- ``class-balanced photos``: each class's training photos weighted to one total within the photo
+  domain (the capped photo classes hold 39 to 300 images, so the head's prior leans to the big ones).
+Each variant reports validation and test sketch top-1 / top-3, as trained and with the head's
+training class prior divided out of its probabilities (``prior-corrected``: logit adjustment,
+Menon et al. 2021). Medians over the seeds at the end.
+
+    python scripts/head_levers.py --data data --backbone-weights runs/sketch345/backbone.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from sbir_engine.config import EngineConfig
+from sbir_engine.data import load_split
+from sbir_engine.metrics import top_k_accuracy
+from sbir_engine.model import build_model
+from sbir_engine.train import (
+    backbone_features,
+    cap_per_class,
+    domain_balanced_weights,
+    fit_head,
+    training_features,
+)
+
+
+def stratified_share(labels: np.ndarray, eligible: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """A mask keeping ``share`` of each class's eligible rows (a seeded choice) and every other row."""
+    keep = np.ones(len(labels), bool)
+    rng = np.random.default_rng(100 + seed)
+    for label in np.unique(labels[eligible]):
+        rows = np.flatnonzero(eligible & (labels == label))
+        keep[rng.choice(rows, int(round(len(rows) * (1 - share))), replace=False)] = False
+    return keep
+
+
+def class_balanced_photo_weights(labels: np.ndarray, domains: np.ndarray) -> np.ndarray:
+    """Domain-balanced weights in which every class's photos also weigh the same in total (the
+    photo domain's total, and so the balance of the domains, stays as it was)."""
+    weights = domain_balanced_weights(list(domains))
+    photo = domains == "photo"
+    counts = np.bincount(labels[photo], minlength=labels.max() + 1).astype(float)
+    present = counts > 0
+    factor = np.ones_like(counts)
+    factor[present] = counts[present].mean() / counts[present]
+    return (weights * np.where(photo, factor[labels], 1.0)).astype(np.float32)
+
+
+def scores(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    return top_k_accuracy(probabilities, labels, 1), top_k_accuracy(probabilities, labels, 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, default=Path("data"))
+    parser.add_argument("--backbone-weights", required=True, help="as for `sbir-engine train`")
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
+    parser.add_argument("--shares", default="0.6,0.8,1.0", help="shares of the training sketches")
+    args = parser.parse_args()
+
+    classes = tuple(json.loads((args.data / "dataset.json").read_text())["classes"])
+    results: dict[str, list[tuple[float, ...]]] = defaultdict(list)
+    for seed in (int(s) for s in args.seeds.split(",")):
+        config = EngineConfig(classes=classes, seed=seed, augment=False)
+        model = build_model(config, args.backbone_weights)
+        samples = cap_per_class(
+            load_split(args.data, "train"), "photo", config.max_photos_per_class, config.seed
+        )
+        x, y, domains = training_features(model, samples)
+        domains = np.array(domains)
+        val_features, val_kept = backbone_features(model, load_split(args.data, "val"), 1, False, "val")
+        y_val = np.array([classes.index(s.label) for s in val_kept])
+        d_val = np.array([s.domain for s in val_kept])
+        test_samples = load_split(args.data, "test", ("sketch",))
+        test_features, test_kept = backbone_features(model, test_samples, 1, False, "test")
+        y_test = np.array([classes.index(s.label) for s in test_kept])
+        sketch_val = d_val == "sketch"
+
+        variants = {
+            f"sketches {share:.2f}": (stratified_share(y, domains == "sketch", share, seed), None)
+            for share in (float(s) for s in args.shares.split(","))
+        }
+        variants["class-balanced photos"] = (np.ones(len(y), bool), class_balanced_photo_weights(y, domains))
+        for name, (keep, weights) in variants.items():
+            keras.utils.set_random_seed(seed)
+            model = build_model(config, args.backbone_weights)
+            train_rows = (x[keep], y[keep], list(domains[keep]))
+            weights = None if weights is None else weights[keep]
+            history = fit_head(model, train_rows, (val_features[:, 0], y_val, list(d_val)), None, weights, 0)
+            used = domain_balanced_weights(train_rows[2]) if weights is None else weights
+            prior = np.bincount(train_rows[1], weights=used, minlength=len(classes))
+            prior = prior / prior.sum()
+            row = []
+            for features, labels in (
+                (val_features[sketch_val, 0], y_val[sketch_val]),
+                (test_features[:, 0], y_test),
+            ):
+                probabilities = np.asarray(model.head.predict(features, verbose=0))
+                row.extend(scores(probabilities, labels) + scores(probabilities / prior, labels))
+            results[name].append(tuple(row))
+            print(
+                f"seed {seed}  {name:22s} {len(history['loss']):3d} epochs  "
+                "val {:.3f}/{:.3f} (prior-corrected {:.3f}/{:.3f})  "
+                "test {:.3f}/{:.3f} (prior-corrected {:.3f}/{:.3f})".format(*row),
+                flush=True,
+            )
+    print("\nmedians over the seeds: top-1/top-3, as trained and prior-corrected")
+    for name, rows in results.items():
+        m = np.median(np.array(rows), axis=0)
+        print(f"{name:22s} val {m[0]:.3f}/{m[1]:.3f} ({m[2]:.3f}/{m[3]:.3f})", end="  ")
+        print(f"test {m[4]:.3f}/{m[5]:.3f} ({m[6]:.3f}/{m[7]:.3f})")
+
+
+if __name__ == "__main__":
+    main()
