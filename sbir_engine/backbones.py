@@ -276,7 +276,7 @@ class WeightMean:
         for name, arrays in weights.items():
             sums = self.sums.get(name) or [np.zeros(a.shape, np.float64) for a in arrays]
             self.sums[name] = [total + a for total, a in zip(sums, arrays, strict=True)]
-            self.dtypes[name] = [a.dtype for a in arrays]
+            self.dtypes.setdefault(name, [a.dtype for a in arrays])
         self.count += 1
 
     def mean(self) -> dict[str, list[np.ndarray]]:

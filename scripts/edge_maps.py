@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from sbir_engine.config import EngineConfig
-from sbir_engine.data import list_images
+from sbir_engine.data import SPLITS, load_split
 from sbir_engine.images import ImageError, composite_on_white, open_image
 
 
@@ -40,7 +40,7 @@ def edge_map(path: Path, size: int, sigma: float) -> Image.Image:
 
 def link(target: Path, link_path: Path) -> None:
     link_path.parent.mkdir(parents=True, exist_ok=True)
-    if not link_path.is_symlink():
+    if not (link_path.is_symlink() or link_path.exists()):
         link_path.symlink_to(target.resolve())
 
 
@@ -59,32 +59,33 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copy(args.data / "dataset.json", args.out / "dataset.json")
     link(args.data / "sketch", args.out / "sketch")
-    written = skipped = 0
-    for split_dir in sorted(p for p in (args.data / "photo").iterdir() if p.is_dir()):
-        if args.bridge and split_dir.name != "train":
-            link(split_dir, args.out / "photo" / split_dir.name)
+    written = linked = skipped = 0
+    for split in SPLITS:
+        if args.bridge and split != "train":
+            if (args.data / "photo" / split).is_dir():
+                link(args.data / "photo" / split, args.out / "photo" / split)
             continue
-        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-            for path in list_images(class_dir):
-                relative = path.relative_to(args.data)
-                name = f"edge-{path.stem}.png" if args.bridge else f"{path.stem}.png"
-                out = args.out / relative.with_name(name)
-                made = args.edges / relative.with_suffix(".png") if args.edges else None
-                if not out.exists():
-                    try:
-                        image = (
-                            Image.open(made) if made and made.is_file() else edge_map(path, size, args.sigma)
-                        )
-                    except ImageError as err:
-                        print(f"skipped {err}")
-                        skipped += 1
-                        continue
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    image.save(out)
-                    written += 1
-                if args.bridge:  # the photo itself, beside its edge map
-                    link(path, args.out / relative)
-    print(f"{args.out}: {written} edge maps written, {skipped} photos skipped")
+        for sample in load_split(args.data, split, ("photo",)):
+            relative = sample.path.relative_to(args.data)
+            name = f"edge-{sample.path.stem}.png" if args.bridge else f"{sample.path.stem}.png"
+            out = args.out / relative.with_name(name)
+            made = args.edges / relative.with_suffix(".png") if args.edges else None
+            if made is not None and made.is_file():  # drawn already: link it rather than redraw
+                link(made, out)
+                linked += 1
+            elif not out.exists():
+                try:
+                    image = edge_map(sample.path, size, args.sigma)
+                except ImageError as err:
+                    print(f"skipped {err}")
+                    skipped += 1
+                    continue
+                out.parent.mkdir(parents=True, exist_ok=True)
+                image.save(out)
+                written += 1
+            if args.bridge:  # the photo itself, beside its edge map
+                link(sample.path, args.out / relative)
+    print(f"{args.out}: {written} edge maps written, {linked} linked, {skipped} photos skipped")
 
 
 if __name__ == "__main__":

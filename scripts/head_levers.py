@@ -99,10 +99,9 @@ def main() -> None:
             keras.utils.set_random_seed(seed)
             model = build_model(config, args.backbone_weights)
             train_rows = (x[keep], y[keep], list(domains[keep]))
-            weights = None if weights is None else weights[keep]
+            weights = domain_balanced_weights(train_rows[2]) if weights is None else weights[keep]
             history = fit_head(model, train_rows, (val_features[:, 0], y_val, list(d_val)), None, weights, 0)
-            used = domain_balanced_weights(train_rows[2]) if weights is None else weights
-            prior = np.bincount(train_rows[1], weights=used, minlength=len(classes))
+            prior = np.bincount(train_rows[1], weights=weights, minlength=len(classes))
             prior = prior / prior.sum()
             row = []
             for features, labels in (
