@@ -8,15 +8,18 @@ no network and no ../shared:
 
     # here (CPU): pack what the GPU run needs into .carry/ (bitmaps, photos, ImageNet weights, wheels)
     python scripts/pretrain_sketch.py prepare --data data --carry .carry
-    # on a GPU machine (JAX backend, backend-neutral Keras), with .carry copied beside the script:
+    # on a GPU machine (JAX backend, backend-neutral Keras), with .carry copied beside the script;
+    # one card holds two runs at once (the README's GPU route runs seeds 2 to 5)
     pip install --no-index --no-deps --target /tmp/site .carry/wheels/*.whl
-    PYTHONPATH=/tmp/site KERAS_BACKEND=jax python scripts/pretrain_sketch.py train --out OUT
-    # back here: join the weight files it wrote, then train the 13-class engine on them
-    python scripts/pretrain_sketch.py merge OUT/lite2-sketch345-*.npz --out runs/sketch345-gpu/backbone.npz
-    sbir-engine train --data data --out runs/gpu --backbone-weights runs/sketch345-gpu/backbone.npz
-    # (``average A.npz B.npz --out soup.npz``: the layer-wise mean of runs' weights; ``train
-    # --average-last K`` also writes OUT/averaged/, one run's last K epochs averaged; both measured
-    # in docs/quality.md)
+    export PYTHONPATH=/tmp/site KERAS_BACKEND=jax XLA_PYTHON_CLIENT_MEM_FRACTION=0.4
+    python scripts/pretrain_sketch.py train --out OUT/s2 --seed 2 --workers 6 &   # and --seed 3
+    # back here: join each run's weight files, average the runs (a uniform soup), train the engine
+    python scripts/pretrain_sketch.py merge OUT/s2/lite2-sketch345-*.npz --out runs/gpu-s2.npz
+    python scripts/pretrain_sketch.py average runs/gpu-s*.npz --out runs/sketch345-gpu/backbone.npz
+    sbir-engine train --data data --out runs/gpu --backbone-weights runs/sketch345-gpu/backbone.npz \
+        --label-smoothing 0.1
+    # (``train --average-last K`` also writes OUT/averaged/, one run's last K epochs averaged;
+    # measured in docs/quality.md)
 
 The held-out val/test drawings of the dataset's classes are left out of pre-training (same seeded
 split as prepare-data), so the test split stays unseen. The dataset's training photos join in,
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -118,7 +122,7 @@ def download_wheels(folder: Path) -> None:
 def random_affine(image: np.ndarray, rng: np.random.Generator, config, sketch: bool) -> np.ndarray:
     """``train``'s augmentation (stroke width for sketches, mirror, zoom, shifts, shear), with PIL.
 
-    In the data loader's threads, because Keras' affine layers in the model ran at 78 img/s under
+    In the augmentation workers, because Keras' affine layers in the model ran at 78 img/s under
     JAX on an H200. Borders fill with white paper, as ``train.FILL`` does.
     """
     from PIL import Image
@@ -158,52 +162,88 @@ def _filter3x3(channel: np.ndarray, op) -> np.ndarray:
     return op(op(rows[:-2], rows[1:-1]), rows[2:])
 
 
+# Augmentation processes: all cores but four, which JAX's host threads and the loader use.
+DEFAULT_WORKERS = max(1, (os.cpu_count() or 2) - 4)
+
+# What the augmentation workers read. Filled before they fork, so they share the images
+# copy-on-write: only row numbers go to a worker and only its uint8 batch comes back.
+_WORKER_DATA: dict = {}
+
+
+def augmented_batch(rows: np.ndarray, seed: int, epoch: int, index: int) -> np.ndarray:
+    """Training batch ``index`` of ``epoch``, augmented in a worker process. Its own generator,
+    seeded by (seed, epoch, index), makes the batch the same whichever worker draws it."""
+    images, sketches, config = (_WORKER_DATA[k] for k in ("images", "sketches", "config"))
+    rng = np.random.default_rng([seed, epoch, index])
+    return np.stack([random_affine(images[row], rng, config, sketches[row]) for row in rows])
+
+
+def augment_pool(images: np.ndarray, sketches: np.ndarray, config, workers: int):
+    """Processes that augment training batches. Threads were held to about one core by the GIL
+    (2,200–3,100 img/s on the GPU machine, which trains several times faster); a fork made before
+    Keras and JAX start their threads is safe."""
+    import multiprocessing
+
+    _WORKER_DATA.update(images=images, sketches=sketches, config=config)
+    return multiprocessing.get_context("fork").Pool(workers)
+
+
 def batches(
     images: np.ndarray,
     labels: np.ndarray,
     n_classes: int,
     batch: int,
     shuffle: bool,
-    sketches: np.ndarray | None = None,
-    config=None,
+    pool=None,
     seed: int = 0,
+    ahead: int = 32,
 ):
-    """Float32 batches from an in-memory uint8 image array, reshuffled every epoch.
+    """uint8 batches from an in-memory image array, reshuffled every epoch (the model casts them
+    to float on the device: a quarter of the bytes to move).
 
-    With ``config``, each training image is augmented afresh every time it is drawn (``sketches``
-    marks the drawings, which also get stroke-width jitter). ``seed`` decides the order and the
-    augmentation: the same seed draws the same batches.
+    With ``pool`` (from ``augment_pool``), each training image is augmented afresh every time it is
+    drawn, ``ahead`` batches in advance; call ``fit`` with ``shuffle=False`` so that Keras asks for
+    them in order. ``seed`` decides the order and the augmentation: the same seed draws the same
+    batches.
     """
     import keras
 
     class Batches(keras.utils.PyDataset):
         def __init__(self):
-            super().__init__(workers=12)
+            super().__init__()
             self.rng = np.random.default_rng(seed)
             self.order = np.arange(len(images))
             self.epoch = 0
+            self.pending = {}
             self.on_epoch_end()
 
         def __len__(self) -> int:
             return -(-len(images) // batch)
 
+        def rows(self, i: int) -> np.ndarray:
+            return np.sort(self.order[i * batch : (i + 1) * batch])
+
+        def submit(self, i: int) -> None:
+            if pool is not None and i < len(self) and i not in self.pending:
+                self.pending[i] = pool.apply_async(augmented_batch, (self.rows(i), seed, self.epoch, i))
+
         def __getitem__(self, i: int):
-            rows = np.sort(self.order[i * batch : (i + 1) * batch])
-            x = images[rows]
-            if config is not None:
-                rng = np.random.default_rng([seed, self.epoch, i])  # per batch: the workers are threads
-                x = np.stack(
-                    [
-                        random_affine(image, rng, config, sketches[row])
-                        for image, row in zip(x, rows, strict=True)
-                    ]
-                )
-            return x.astype(np.float32), keras.utils.to_categorical(labels[rows], n_classes)
+            rows = self.rows(i)
+            if pool is None:
+                x = images[rows]
+            else:
+                for j in range(i, i + ahead):
+                    self.submit(j)
+                x = self.pending.pop(i).get()
+            return x, keras.utils.to_categorical(labels[rows], n_classes)
 
         def on_epoch_end(self) -> None:
             self.epoch += 1
+            self.pending.clear()  # batches of a stopped epoch: their rows are about to change
             if shuffle:
                 self.rng.shuffle(self.order)
+            for i in range(ahead):  # the next epoch's first batches, while validation runs
+                self.submit(i)
 
     return Batches()
 
@@ -249,6 +289,7 @@ def train(
     max_epochs: int = 30,
     seed: int = 0,
     average_last: int = 0,
+    workers: int = DEFAULT_WORKERS,
 ) -> None:
     """Train the whole backbone (but the stem, batch norm and, by default, the depthwise kernels)
     for as many epochs as fit in ``max_seconds``, with a cosine learning rate over them.
@@ -258,10 +299,8 @@ def train(
     run's own soup; batch norm is frozen, so no statistics need recomputing).
 
     ``seed`` fixes the new layer's initialisation, dropout, batch order and augmentation; the GPU's
-    kernels (XLA, bfloat16 sums) are not bit-reproducible, so a rerun is close, not identical."""
-    import keras
-
-    from sbir_engine.backbones import WeightMean, build_backbone, layer_weights, unfreeze_top
+    kernels (XLA, bfloat16 sums) are not bit-reproducible, so a rerun is close, not identical.
+    ``workers`` processes augment the training batches."""
     from sbir_engine.config import EngineConfig
 
     started = time.perf_counter()
@@ -275,6 +314,11 @@ def train(
         f"{len(images)} training images ({int((~sketches).sum())} photos), prepared in {prepared:.0f} s",
         flush=True,
     )
+    pool = augment_pool(images, sketches, config, workers) if augment else None
+
+    import keras  # after the fork: JAX's threads must not be copied into the workers
+
+    from sbir_engine.backbones import WeightMean, build_backbone, layer_weights, unfreeze_top
 
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(seed)
@@ -332,13 +376,16 @@ def train(
     history = {}
     try:
         history = model.fit(
-            batches(images, labels, n, batch, True, sketches, config if augment else None, seed),
+            batches(images, labels, n, batch, True, pool, seed),
             validation_data=batches(val_images, val_labels, n, 256, shuffle=False),
+            shuffle=False,  # the batches shuffle themselves and are prepared in order
             epochs=1000,
             verbose=2,
             callbacks=[Budget()],
         ).history
     finally:  # whatever stopped training, keep what it learnt
+        if pool is not None:
+            pool.terminate()
         save_parts(layer_weights(backbone), out)
         if tail.count:
             (out / "averaged").mkdir(exist_ok=True)
@@ -365,6 +412,7 @@ def train(
         "max_seconds": max_seconds,
         "max_epochs": max_epochs,
         "seed": seed,
+        "augment_workers": workers if augment else 0,
         "averaged_epochs": tail_epochs,
         "history": {k: [float(v) for v in vs] for k, vs in history.items()},
         "embedding_images_per_second_batch256": embed_rate,
@@ -497,6 +545,12 @@ def main() -> None:
     t.add_argument(
         "--average-last", type=int, default=0, help="also write the mean of the last K epochs' weights"
     )
+    t.add_argument(
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        help="processes that augment the training batches (default: all cores but four)",
+    )
     m = sub.add_parser("merge")
     m.add_argument("parts", type=Path, nargs="+")
     m.add_argument("--out", type=Path, required=True)
@@ -525,6 +579,7 @@ def main() -> None:
             args.max_epochs,
             args.seed,
             args.average_last,
+            args.workers,
         )
 
 

@@ -7,6 +7,8 @@ inputs (the augmentation drawn on the CPU workers) and its outputs (weights in r
 from __future__ import annotations
 
 import importlib.util
+import sys
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from sbir_engine.images import normalize_sketch, resize_to_array
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("pretrain_sketch", REPO / "scripts" / "pretrain_sketch.py")
 script = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = script  # the worker processes find augmented_batch by its module's name
 _spec.loader.exec_module(script)
 
 STILL = EngineConfig(zoom=0.0, shift=0.0, shear=0.0, random_flip=False, stroke_jitter=0)
@@ -111,34 +114,60 @@ def test_zoom_scales_the_drawing_about_the_centre(drawings):
     assert max(ratios) - min(ratios) > 0.1
 
 
-def test_training_batches_draw_new_augmentations_each_epoch_and_repeat_within_one(drawings):
+@pytest.fixture(scope="module")
+def threads():
+    """The worker processes' interface, in threads, for the tests that need no fork."""
+    with ThreadPool(2) as pool:
+        yield pool
+
+
+def test_training_batches_draw_new_augmentations_each_epoch_and_repeat_within_one(drawings, threads):
     images = np.stack(drawings)
     labels = np.arange(len(images)) % 3
-    sketches = np.ones(len(images), bool)
-    data = script.batches(images, labels, 3, 4, True, sketches, EngineConfig())
+    script._WORKER_DATA.update(images=images, sketches=np.ones(len(images), bool), config=EngineConfig())
+    data = script.batches(images, labels, 3, 4, True, threads)
     x, y = data[0]
-    assert x.shape == (4, 180, 180, 3) and x.dtype == np.float32
+    assert x.shape == (4, 180, 180, 3) and x.dtype == np.uint8
     assert y.shape == (4, 3) and (y.sum(1) == 1).all()
-    np.testing.assert_array_equal(data[0][0], x)  # the worker threads share no random state
+    assert not np.array_equal(x, images[data.rows(0)])  # augmented
+    again = script.batches(images, labels, 3, 4, True, threads)
+    np.testing.assert_array_equal(again[0][0], x)  # the workers share no random state
     data.on_epoch_end()
-    again, _ = data[0]
-    assert not np.array_equal(again, x)
+    assert not np.array_equal(data[0][0], x)
     plain = script.batches(images, labels, 3, 8, False)
-    np.testing.assert_array_equal(plain[0][0], images.astype(np.float32))
+    np.testing.assert_array_equal(plain[0][0], images)
 
 
-def test_the_seed_decides_the_batches(drawings):
+def test_the_seed_decides_the_batches(drawings, threads):
     images = np.stack(drawings)
     labels = np.arange(len(images)) % 3
-    sketches = np.ones(len(images), bool)
+    script._WORKER_DATA.update(images=images, sketches=np.ones(len(images), bool), config=EngineConfig())
 
     def first_epoch(seed: int) -> list[np.ndarray]:
-        data = script.batches(images, labels, 3, 4, True, sketches, EngineConfig(), seed)
+        data = script.batches(images, labels, 3, 4, True, threads, seed)
         return [data[i][0] for i in range(len(data))]
 
     for x, again in zip(first_epoch(1), first_epoch(1), strict=True):
         np.testing.assert_array_equal(x, again)
     assert not all(np.array_equal(x, y) for x, y in zip(first_epoch(1), first_epoch(2), strict=True))
+
+
+def test_forked_workers_augment_the_same_batches_as_threads(drawings, threads):
+    """The GPU run's pool: processes forked with the images, which they read copy-on-write."""
+    images = np.stack(drawings)
+    labels = np.arange(len(images)) % 3
+    sketches = np.arange(len(images)) < 5  # the last three as photos: no stroke-width jitter
+    pool = script.augment_pool(images, sketches, EngineConfig(), 2)
+    try:
+        forked = script.batches(images, labels, 3, 4, True, pool, 7)
+        threaded = script.batches(images, labels, 3, 4, True, threads, 7)
+        for _epoch in range(2):
+            for i in range(len(forked)):
+                np.testing.assert_array_equal(forked[i][0], threaded[i][0])
+            forked.on_epoch_end()
+            threaded.on_epoch_end()
+    finally:
+        pool.terminate()
 
 
 def test_weight_parts_fit_the_device_limit_and_merge_back(tmp_path):
