@@ -224,7 +224,6 @@ def training_features(model: SketchModel, samples: list[Sample]) -> tuple[np.nda
     views of each sample or, without ``config.augment``, of each sample as the engine serves it;
     with their class indices and domains."""
     config = model.config
-    index = {label: i for i, label in enumerate(config.classes)}
     features, labels, domains = [], [], []
     for domain, views in (("sketch", config.sketch_views), ("photo", config.photo_views)):
         subset = [s for s in samples if s.domain == domain]
@@ -234,7 +233,7 @@ def training_features(model: SketchModel, samples: list[Sample]) -> tuple[np.nda
         description = f"{domain} train ×{views}" if config.augment else f"{domain} train as served"
         feats, kept = backbone_features(model, subset, views, config.augment, description)
         features.append(feats.reshape(-1, feats.shape[-1]))
-        labels.extend(index[s.label] for s in kept for _ in range(views))
+        labels.extend(config.classes.index(s.label) for s in kept for _ in range(views))
         domains.extend(domain for s in kept for _ in range(views))
     return np.concatenate(features), np.array(labels), domains
 
