@@ -19,7 +19,7 @@ import numpy as np
 
 from .backbones import cache_dir
 from .config import EngineConfig
-from .data import DataError, Sample, load_split
+from .data import DOMAINS, DataError, Sample, load_split
 from .embed import progress_bar, read_batches
 from .images import load_rgb
 from .metrics import confusion_matrix, plot_confusion, plot_history, top_k_accuracy
@@ -219,7 +219,11 @@ def domain_balanced_weights(domains: list[str]) -> np.ndarray:
     return np.array([len(domains) / (len(share) * share[d]) for d in domains], dtype=np.float32)
 
 
-def training_features(model: SketchModel, samples: list[Sample]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+# The head's rows: features, class indices and the domain of each row.
+HeadRows = tuple[np.ndarray, np.ndarray, list[str]]
+
+
+def training_features(model: SketchModel, samples: list[Sample]) -> HeadRows:
     """The head's training rows: backbone features of ``sketch_views`` / ``photo_views`` augmented
     views of each sample or, without ``config.augment``, of each sample as the engine serves it;
     with their class indices and domains."""
@@ -238,10 +242,26 @@ def training_features(model: SketchModel, samples: list[Sample]) -> tuple[np.nda
     return np.concatenate(features), np.array(labels), domains
 
 
+def head_rows(
+    model: SketchModel, data_dir: Path, domains: tuple[str, ...] = DOMAINS
+) -> tuple[list[Sample], HeadRows, HeadRows]:
+    """What the head trains and validates on: the training split (photos capped per class) as
+    ``training_features`` rows and the validation split as the engine serves it, each as (features,
+    class indices, domains); with the training samples, which fine-tuning reuses."""
+    config = model.config
+    train_samples = cap_per_class(
+        load_split(data_dir, "train", domains), "photo", config.max_photos_per_class, config.seed
+    )
+    train_rows = training_features(model, train_samples)
+    val_feats, val_kept = backbone_features(model, load_split(data_dir, "val", domains), 1, False, "val")
+    val_labels = np.array([config.classes.index(s.label) for s in val_kept])
+    return train_samples, train_rows, (val_feats[:, 0], val_labels, [s.domain for s in val_kept])
+
+
 def fit_head(
     model: SketchModel,
-    train_rows: tuple[np.ndarray, np.ndarray, list[str]],
-    val_rows: tuple[np.ndarray, np.ndarray, list[str]],
+    train_rows: HeadRows,
+    val_rows: HeadRows,
     callbacks: list[keras.callbacks.Callback] | None = None,
     sample_weight: np.ndarray | None = None,
     verbose: int = 2,
@@ -302,19 +322,12 @@ def train(
     keras.utils.set_random_seed(config.seed)
     model = build_model(config, weights)
 
-    train_samples = cap_per_class(
-        load_split(data_dir, "train", domains), "photo", config.max_photos_per_class, config.seed
-    )
-    x_train, y_train, d_train = training_features(model, train_samples)
-
-    val_feats, val_kept = backbone_features(model, load_split(data_dir, "val", domains), 1, False, "val")
-    x_val, y_val = val_feats[:, 0], np.array([config.classes.index(s.label) for s in val_kept])
+    train_samples, train_rows, val_rows = head_rows(model, data_dir, domains)
     n = len(config.classes)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    d_val = [s.domain for s in val_kept]
     logger = keras.callbacks.CSVLogger(str(out_dir / "history.csv"))
-    history = fit_head(model, (x_train, y_train, d_train), (x_val, y_val, d_val), [logger], verbose=verbose)
+    history = fit_head(model, train_rows, val_rows, [logger], verbose=verbose)
     if fine_tune_blocks:
         from .finetune import fine_tune
 

@@ -27,13 +27,7 @@ from sbir_engine.config import EngineConfig
 from sbir_engine.data import load_split
 from sbir_engine.metrics import top_k_accuracy
 from sbir_engine.model import build_model
-from sbir_engine.train import (
-    backbone_features,
-    cap_per_class,
-    domain_balanced_weights,
-    fit_head,
-    training_features,
-)
+from sbir_engine.train import backbone_features, domain_balanced_weights, fit_head, head_rows
 
 
 def stratified_share(labels: np.ndarray, eligible: np.ndarray, share: float, seed: int) -> np.ndarray:
@@ -77,14 +71,8 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         config = EngineConfig(classes=classes, seed=seed, augment=False)
         model = build_model(config, args.backbone_weights)
-        samples = cap_per_class(
-            load_split(args.data, "train"), "photo", config.max_photos_per_class, config.seed
-        )
-        x, y, domains = training_features(model, samples)
-        domains = np.array(domains)
-        val_features, val_kept = backbone_features(model, load_split(args.data, "val"), 1, False, "val")
-        y_val = np.array([classes.index(s.label) for s in val_kept])
-        d_val = np.array([s.domain for s in val_kept])
+        _, (x, y, domains), (x_val, y_val, d_val) = head_rows(model, args.data)
+        domains, d_val = np.array(domains), np.array(d_val)
         test_samples = load_split(args.data, "test", ("sketch",))
         test_features, test_kept = backbone_features(model, test_samples, 1, False, "test")
         y_test = np.array([classes.index(s.label) for s in test_kept])
@@ -100,12 +88,12 @@ def main() -> None:
             model = build_model(config, args.backbone_weights)
             train_rows = (x[keep], y[keep], list(domains[keep]))
             weights = domain_balanced_weights(train_rows[2]) if weights is None else weights[keep]
-            history = fit_head(model, train_rows, (val_features[:, 0], y_val, list(d_val)), None, weights, 0)
+            history = fit_head(model, train_rows, (x_val, y_val, list(d_val)), None, weights, 0)
             prior = np.bincount(train_rows[1], weights=weights, minlength=len(classes))
             prior = prior / prior.sum()
             row = []
             for features, labels in (
-                (val_features[sketch_val, 0], y_val[sketch_val]),
+                (x_val[sketch_val], y_val[sketch_val]),
                 (test_features[:, 0], y_test),
             ):
                 probabilities = np.asarray(model.head.predict(features, verbose=0))
