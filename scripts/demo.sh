@@ -15,7 +15,7 @@ if [ "${FAST:-0}" = 1 ]; then
     [ -f runs/default/model.keras ] || sbir-engine train --data data --out runs/default
 else
     # BACKBONE_WEIGHTS: a backbone pre-trained elsewhere (the README's GPU route); otherwise the
-    # CPU route (≈ 25–40 min on 2 cores): sketch-domain pre-training of the backbone's top blocks on
+    # CPU route (≈ 40–60 min on 2 cores): sketch-domain pre-training of the backbone's top blocks on
     # all 345 QuickDraw categories. Then the head (see the README's measured figures): on the CPU
     # route's backbone it trains on each image as the engine serves it (--no-augment), on the GPU
     # route's on augmented views with label smoothing, as each measured best on validation.

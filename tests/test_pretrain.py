@@ -93,14 +93,14 @@ def test_pretrain_and_train_refuse_counts_below_one_before_any_work(small_datase
     assert result.exit_code == 1, result.output
     assert result.output.strip() == "error: max_photos_per_class must be 1 or more (got 0)"
     assert not out.exists()
-    for count in ("-1", "7"):  # 6 epochs by default
+    for count in ("-1", "13"):  # 12 epochs by default
         result = CliRunner().invoke(
             app, ["pretrain", "--data", str(small_dataset), "--out", str(out), "--average-last", count]
         )
         assert result.exit_code == 1, result.output
         assert (
             result.output.strip()
-            == f"error: pretrain_average_last must be 0 to pretrain_epochs (6), got {count}"
+            == f"error: pretrain_average_last must be 0 to pretrain_epochs (12), got {count}"
         )
         assert not out.exists()
 
