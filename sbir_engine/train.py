@@ -242,6 +242,14 @@ def training_features(model: SketchModel, samples: list[Sample]) -> HeadRows:
     return np.concatenate(features), np.array(labels), domains
 
 
+def served_rows(model: SketchModel, samples: list[Sample], description: str) -> HeadRows:
+    """Rows of the readable samples as the engine serves them (one view, mirror-averaged under
+    ``config.mirror``): what validation and the test split are scored on."""
+    features, kept = backbone_features(model, samples, 1, False, description)
+    labels = np.array([model.config.classes.index(s.label) for s in kept])
+    return features[:, 0], labels, [s.domain for s in kept]
+
+
 def head_rows(
     model: SketchModel, data_dir: Path, domains: tuple[str, ...] = DOMAINS
 ) -> tuple[list[Sample], HeadRows, HeadRows]:
@@ -253,9 +261,7 @@ def head_rows(
         load_split(data_dir, "train", domains), "photo", config.max_photos_per_class, config.seed
     )
     train_rows = training_features(model, train_samples)
-    val_feats, val_kept = backbone_features(model, load_split(data_dir, "val", domains), 1, False, "val")
-    val_labels = np.array([config.classes.index(s.label) for s in val_kept])
-    return train_samples, train_rows, (val_feats[:, 0], val_labels, [s.domain for s in val_kept])
+    return train_samples, train_rows, served_rows(model, load_split(data_dir, "val", domains), "val")
 
 
 def fit_head(
@@ -350,15 +356,12 @@ def train(
     metrics["best_val_accuracy"] = float(max(history["val_accuracy"]))
     test = load_split(data_dir, "test", domains)
     for domain in domains:
-        feats, kept = backbone_features(
-            model, [s for s in test if s.domain == domain], 1, False, f"{domain} test"
-        )
-        probs = np.asarray(model.head.predict(feats[:, 0], verbose=0))
-        labels = np.array([config.classes.index(s.label) for s in kept])
+        feats, labels, _ = served_rows(model, [s for s in test if s.domain == domain], f"{domain} test")
+        probs = np.asarray(model.head.predict(feats, verbose=0))
         metrics[domain] = {
             "test_top1": top_k_accuracy(probs, labels, 1),
             "test_top3": top_k_accuracy(probs, labels, 3),
-            "test_images": len(kept),
+            "test_images": len(labels),
         }
         matrix = confusion_matrix(probs.argmax(axis=1), labels, n)
         plot_confusion(matrix, config.classes, out_dir / f"confusion_{domain}.png", f"{domain} test split")

@@ -27,7 +27,7 @@ from sbir_engine.config import EngineConfig
 from sbir_engine.data import load_split
 from sbir_engine.metrics import top_k_accuracy
 from sbir_engine.model import build_model
-from sbir_engine.train import backbone_features, domain_balanced_weights, fit_head, head_rows
+from sbir_engine.train import domain_balanced_weights, fit_head, head_rows, served_rows
 
 
 def stratified_share(labels: np.ndarray, eligible: np.ndarray, share: float, seed: int) -> np.ndarray:
@@ -74,8 +74,7 @@ def main() -> None:
         _, (x, y, domains), (x_val, y_val, d_val) = head_rows(model, args.data)
         domains, d_val = np.array(domains), np.array(d_val)
         test_samples = load_split(args.data, "test", ("sketch",))
-        test_features, test_kept = backbone_features(model, test_samples, 1, False, "test")
-        y_test = np.array([classes.index(s.label) for s in test_kept])
+        x_test, y_test, _ = served_rows(model, test_samples, "test")
         sketch_val = d_val == "sketch"
 
         variants = {
@@ -94,7 +93,7 @@ def main() -> None:
             row = []
             for features, labels in (
                 (x_val[sketch_val], y_val[sketch_val]),
-                (test_features[:, 0], y_test),
+                (x_test, y_test),
             ):
                 probabilities = np.asarray(model.head.predict(features, verbose=0))
                 row.extend(scores(probabilities, labels) + scores(probabilities / prior, labels))
