@@ -362,10 +362,13 @@ def train(
             seconds = now - self.t0
             logs.update(seconds=seconds, images_per_second=len(images) / seconds, learning_rate=self.rate)
             print(f"epoch {epoch + 1}: {seconds:.1f} s, {len(images) / seconds:.0f} img/s", flush=True)
-            if epoch >= 1 and not self.planned:  # epoch 1 included compiling
-                fit = epoch + 1 + int((max_seconds - (now - started)) // seconds)
-                self.planned = min(max_epochs, fit)
-                print(f"{fit} epochs fit in {max_seconds:.0f} s; training {self.planned}", flush=True)
+            if epoch >= 1:  # epoch 1 included compiling
+                planned = planned_epochs(
+                    self.planned, epoch + 1, max_seconds - (now - started), seconds, max_epochs
+                )
+                if planned != self.planned:
+                    print(f"{epoch + 1} epochs done in {now - started:.0f} s; training {planned}", flush=True)
+                self.planned = planned
             if self.planned and epoch + 1 >= self.planned or now - started + seconds > max_seconds:
                 self.model.stop_training = True
             if average_last and self.planned and epoch + 1 > self.planned - average_last:
@@ -423,6 +426,21 @@ def train(
         report["backbone_speeds"] = benchmark_backbones(config)
         (out / "pretrain.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=2))
+
+
+def planned_epochs(
+    planned: int, done: int, seconds_left: float, epoch_seconds: float, max_epochs: int
+) -> int:
+    """How many epochs the cosine schedule spans, after ``done`` epochs with ``seconds_left`` of
+    the budget, the last epoch having taken ``epoch_seconds``; ``planned`` is 0 until first set.
+
+    Planned once from the first epoch without compilation; later only shortened, when slower
+    epochs (runs sharing a card) would otherwise hit the budget on a rate above the cosine's floor.
+    """
+    fit = done + int(seconds_left // epoch_seconds)
+    if not planned:
+        return max(done, min(max_epochs, fit))
+    return max(done, min(planned, fit))
 
 
 def save_parts(weights: dict[str, list[np.ndarray]], out: Path, part_bytes: float = 15e6) -> list[Path]:

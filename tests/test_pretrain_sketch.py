@@ -205,3 +205,14 @@ def test_average_is_the_layerwise_mean_and_refuses_other_layers(tmp_path):
     with pytest.raises(SystemExit, match="other.npz: its layers or shapes differ"):
         script.average([tmp_path / "a.npz", tmp_path / "other.npz"], tmp_path / "bad.npz")
     assert not (tmp_path / "bad.npz").exists()
+
+
+def test_the_schedule_is_planned_once_and_only_shortened_when_epochs_slow_down():
+    # Planned from the first timed epoch: 2 done, 100 s left at 10 s an epoch, capped at 30.
+    assert script.planned_epochs(0, 2, 100.0, 10.0, 30) == 12
+    assert script.planned_epochs(0, 2, 1000.0, 10.0, 30) == 30
+    # Faster epochs later never lengthen the cosine; slower ones end it within the budget.
+    assert script.planned_epochs(12, 5, 200.0, 5.0, 30) == 12
+    assert script.planned_epochs(12, 5, 60.0, 12.0, 30) == 10
+    # Never fewer epochs than are already done.
+    assert script.planned_epochs(12, 11, 1.0, 12.0, 30) == 11
