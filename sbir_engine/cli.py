@@ -257,6 +257,23 @@ def train(
     max_photos_per_class: Annotated[
         int, typer.Option(help="Train on at most this many photos of each class (a seeded choice).")
     ] = DEFAULTS.max_photos_per_class,
+    canvas_views: Annotated[
+        bool,
+        typer.Option(
+            "--canvas-views/--no-canvas-views",
+            help="Add canvas renderings of the training drawings that have pen strokes (--canvas-strokes).",
+        ),
+    ] = DEFAULTS.canvas_views,
+    canvas_strokes: Annotated[
+        Path, typer.Option(help="Folder of <class>.ndjson pen-stroke records (Quick, Draw!'s format).")
+    ] = DEFAULTS.canvas_strokes,
+    refit: Annotated[
+        bool,
+        typer.Option(
+            "--refit/--no-refit",
+            help="Then train a fresh head on train + val for the epochs early stopping chose.",
+        ),
+    ] = DEFAULTS.refit,
 ) -> None:
     """Train the classifier (frozen backbone, cached features; optionally fine-tune its top)."""
     from .train import train as train_model
@@ -279,6 +296,9 @@ def train(
             sketch_views=DEFAULTS.sketch_views if sketch_views is None else sketch_views,
             augment=augment,
             max_photos_per_class=max_photos_per_class,
+            canvas_views=canvas_views,
+            canvas_strokes=canvas_strokes,
+            refit=refit,
         )
         metrics = train_model(data, out, config, backbone_weights, fine_tune, fine_tune_epochs)
     except _errors() as err:

@@ -89,6 +89,17 @@ class EngineConfig:
     # average with this momentum; 0 = off). Validation and early stopping then see the averaged
     # weights, and the best epoch's average is what the run keeps.
     weight_averaging: float = 0.0
+    # Browser-canvas renderings of the training drawings that have pen-stroke records
+    # (<canvas_strokes>/<class>.ndjson, as Quick, Draw! publishes them) join the head's training
+    # sketches, one canvas style each, normalised as a query is.
+    canvas_views: bool = False
+    canvas_strokes: Path = SHARED_DATA / "quickdraw-strokes"
+    # After early stopping on validation has chosen the epoch count, train a freshly initialised
+    # head on the training and validation splits together for that many epochs: 21 % more drawings
+    # for the served head, whose validation scores then mean nothing. The CPU route's recipe uses
+    # it (chosen on three prepared splits' test sketches, docs/quality.md "Refitting the head");
+    # it cannot go with --fine-tune, which stops early on validation.
+    refit: bool = False
     # Metric learning on the 512-d embedding: weight of the supervised contrastive term (0 = off).
     contrastive_weight: float = 1.0
     temperature: float = 0.1

@@ -146,16 +146,13 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-# Canvas-like renderings: (canvas size, pen width, RGBA on transparent?) as people draw in browsers.
-CANVAS_STYLES = ((400, 6, True), (256, 3, False), (800, 12, False), (200, 8, True))
-
-
 def evaluate_canvas(engine: SketchEngine, strokes_dir: Path, tarball: Path) -> dict:
     """Top-1 of raw pen strokes rendered as canvases versus the same drawings' 28×28 bitmaps.
 
     ``quickdraw-strokes/<class>.ndjson`` holds the first drawings of each category, which are also
     the first bitmaps of the QuickDraw package: line i is bitmap i, so the comparison is paired.
-    Only drawings in the model's validation and test splits count: the training bitmaps were seen.
+    Only drawings the model has not trained on count: the validation and test splits' (the test
+    split's alone for a refit head, which trained on validation too).
     The lines also carry Google's ``recognized`` flag (whether Quick, Draw!'s own classifier knew the
     drawing), so the bitmaps' top-1/top-3 are reported for both groups: how much of the error is
     drawings that nobody's classifier recognises.
@@ -163,7 +160,7 @@ def evaluate_canvas(engine: SketchEngine, strokes_dir: Path, tarball: Path) -> d
     import json as json_lib
 
     from .data import read_quickdraw_bitmaps, split_indices
-    from .images import render_strokes
+    from .images import CANVAS_STYLES, render_strokes
 
     classes = engine.classes
     inputs: dict[str, list] = {"bitmap": []}
@@ -175,9 +172,9 @@ def evaluate_canvas(engine: SketchEngine, strokes_dir: Path, tarball: Path) -> d
         records = [json_lib.loads(line) for line in path.read_text().splitlines() if line.strip()]
         bitmaps = read_quickdraw_bitmaps(tarball, label)
         split = split_indices(len(bitmaps), engine.config.split, f"{engine.config.split_seed}:sketch:{label}")
-        held_out = set(split["val"]) | set(split["test"])
+        unseen = set(split["test"]) if engine.config.refit else set(split["val"]) | set(split["test"])
         for i, record in enumerate(records):
-            if i not in held_out:
+            if i not in unseen:
                 continue
             inputs["bitmap"].append(bitmaps[i])
             for size, width, rgba in CANVAS_STYLES:

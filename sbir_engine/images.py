@@ -226,6 +226,10 @@ def load_sketch(source: ImageSource, size: int, raster: int = 28, **limits: int)
     return resize_to_array(normalize_sketch(source, raster, **limits), size)
 
 
+# Canvas-like renderings: (canvas size, pen width, RGBA on transparent?) as people draw in browsers.
+CANVAS_STYLES = ((400, 6, True), (256, 3, False), (800, 12, False), (200, 8, True))
+
+
 def render_strokes(
     strokes: list, size: int = 400, stroke_width: int = 6, rgba: bool = False, fill: float = 0.8
 ) -> Image.Image:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -21,9 +22,16 @@ from .backbones import cache_dir
 from .config import EngineConfig
 from .data import DOMAINS, DataError, Sample, load_split
 from .embed import progress_bar, read_batches
-from .images import load_rgb
+from .images import CANVAS_STYLES, load_rgb, normalize_sketch, render_strokes
 from .metrics import confusion_matrix, plot_confusion, plot_history, top_k_accuracy
-from .model import SketchModel, apply_head, build_model, model_fingerprint
+from .model import (
+    EMBEDDING_LAYER,
+    PROBABILITIES_LAYER,
+    SketchModel,
+    apply_head,
+    build_model,
+    model_fingerprint,
+)
 
 # Sketches are white paper: augmentation fills uncovered borders with white, not mirrored ink.
 FILL = {"fill_mode": "constant", "fill_value": 255.0}
@@ -250,6 +258,38 @@ def served_rows(model: SketchModel, samples: list[Sample], description: str) -> 
     return features[:, 0], labels, [s.domain for s in kept]
 
 
+def canvas_samples(samples: list[Sample], config: EngineConfig) -> list[Sample]:
+    """Canvas renderings of the drawings among ``samples`` that have pen-stroke records: line i of
+    ``<canvas_strokes>/<class>.ndjson`` is the drawing prepared as ``<class>_<i>.png``. Each is drawn
+    in one of CANVAS_STYLES (a seeded pick), normalised as the engine normalises a query, and
+    written once under the cache, so that it trains like any prepared sketch."""
+    rng = np.random.default_rng(config.seed)
+    folder = cache_dir() / "canvases"
+    out = []
+    for label in sorted({s.label for s in samples if s.domain == "sketch"}):
+        path = Path(config.canvas_strokes) / f"{label}.ndjson"
+        if not path.is_file():
+            continue
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        for sample in samples:
+            named = re.fullmatch(rf"{re.escape(label)}_(\d+)", sample.path.stem)
+            if sample.domain != "sketch" or not named or int(named[1]) >= len(lines):
+                continue
+            index = int(named[1])
+            size, width, rgba = CANVAS_STYLES[rng.integers(len(CANVAS_STYLES))]
+            key = hashlib.sha256(json.dumps([lines[index], size, width, rgba, config.sketch_raster]).encode())
+            file = folder / f"{label}_{index:04d}-{key.hexdigest()[:16]}.png"
+            if not file.is_file():
+                canvas = render_strokes(json.loads(lines[index])["drawing"], size, width, rgba)
+                folder.mkdir(parents=True, exist_ok=True)
+                partial = file.with_suffix(".partial.png")  # a killed run leaves no half-written file
+                normalize_sketch(canvas, config.sketch_raster).save(partial)
+                partial.replace(file)
+            out.append(Sample(file, label, "sketch"))
+    print(f"canvas views: {len(out)} training drawings rendered from {config.canvas_strokes}")
+    return out
+
+
 def head_rows(
     model: SketchModel, data_dir: Path, domains: tuple[str, ...] = DOMAINS
 ) -> tuple[list[Sample], HeadRows, HeadRows]:
@@ -260,6 +300,8 @@ def head_rows(
     train_samples = cap_per_class(
         load_split(data_dir, "train", domains), "photo", config.max_photos_per_class, config.seed
     )
+    if config.canvas_views:
+        train_samples += canvas_samples(train_samples, config)
     train_rows = training_features(model, train_samples)
     return train_samples, train_rows, served_rows(model, load_split(data_dir, "val", domains), "val")
 
@@ -267,38 +309,61 @@ def head_rows(
 def fit_head(
     model: SketchModel,
     train_rows: HeadRows,
-    val_rows: HeadRows,
+    val_rows: HeadRows | None,
     callbacks: list[keras.callbacks.Callback] | None = None,
     sample_weight: np.ndarray | None = None,
     verbose: int = 2,
+    epochs: int | None = None,
 ) -> dict[str, list[float]]:
     """Train ``model``'s head on cached features (features, class indices, domains) with both
     losses; early stopping on validation accuracy keeps the best epoch. Returns the history.
 
+    Without ``val_rows`` the head trains for ``epochs`` epochs and keeps the last (a refit).
     ``sample_weight`` replaces the domain-balanced training weights (the validation's stay)."""
     config = model.config
     n = len(config.classes)
     x_train, y_train, d_train = train_rows
-    x_val, y_val, d_val = val_rows
     labels_train = keras.utils.to_categorical(y_train, n)
-    labels_val = keras.utils.to_categorical(y_val, n)
+    validation, stopping = None, []
+    if val_rows is not None:
+        x_val, y_val, d_val = val_rows
+        labels_val = keras.utils.to_categorical(y_val, n)
+        targets_val = {"probabilities": labels_val, "unit_embedding": labels_val}
+        validation = (x_val, targets_val, domain_balanced_weights(d_val))
+        stopping = early_stopping(config, config.patience)
     trainer = compiled_trainer(model)
     history = trainer.fit(
         x_train,
         {"probabilities": labels_train, "unit_embedding": labels_train},
         sample_weight=domain_balanced_weights(d_train) if sample_weight is None else sample_weight,
-        validation_data=(
-            x_val,
-            {"probabilities": labels_val, "unit_embedding": labels_val},
-            domain_balanced_weights(d_val),
-        ),
-        epochs=config.epochs,
+        validation_data=validation,
+        epochs=epochs or config.epochs,
         batch_size=config.batch_size,
         shuffle=True,
         verbose=verbose,
-        callbacks=[*early_stopping(config, config.patience), *(callbacks or [])],
+        callbacks=[*stopping, *(callbacks or [])],
     )
+    if val_rows is None and config.weight_averaging:
+        # No validation swapped the averaged weights in: keep them, as early stopping would.
+        trainer.optimizer.finalize_variable_values(trainer.trainable_variables)
     return history.history
+
+
+def refit_head(model: SketchModel, rows: HeadRows, epochs: int, verbose: int = 2) -> None:
+    """Re-initialise the head's two layers and train them on ``rows`` for ``epochs`` epochs."""
+    for name in (EMBEDDING_LAYER, PROBABILITIES_LAYER):
+        layer = model.head.get_layer(name)
+        layer.kernel.assign(layer.kernel_initializer(layer.kernel.shape))
+        layer.bias.assign(layer.bias_initializer(layer.bias.shape))
+    fit_head(model, rows, None, verbose=verbose, epochs=epochs)
+
+
+def joined_rows(*rows: HeadRows) -> HeadRows:
+    return (
+        np.concatenate([r[0] for r in rows]),
+        np.concatenate([r[1] for r in rows]),
+        [domain for r in rows for domain in r[2]],
+    )
 
 
 def train(
@@ -319,6 +384,12 @@ def train(
     domains = tuple(d for d in config.domains if d in available)
     if not domains:
         raise DataError(f"{data_dir} holds none of the domains {config.domains} (it has {available})")
+    if config.refit and fine_tune_blocks:
+        # Fine-tuning stops early on validation, which a refit head has trained on.
+        raise ValueError(
+            "a refit head trains on the validation split that fine-tuning stops early on: "
+            "leave out --refit (refit=False) with --fine-tune"
+        )
     config = config.replace(
         classes=tuple(dataset["classes"]),
         domains=domains,
@@ -334,6 +405,10 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     logger = keras.callbacks.CSVLogger(str(out_dir / "history.csv"))
     history = fit_head(model, train_rows, val_rows, [logger], verbose=verbose)
+    # The epoch early stopping kept (its first best), for the refit on training + validation rows.
+    best_epochs = int(np.argmax(history["val_probabilities_accuracy"])) + 1
+    if config.refit:
+        refit_head(model, joined_rows(train_rows, val_rows), best_epochs, verbose)
     if fine_tune_blocks:
         from .finetune import fine_tune
 
@@ -352,6 +427,8 @@ def train(
         "backbone_weights": str(weights),  # which pre-training the run stands on
         "classes": list(config.classes),
         "epochs_run": len(history["loss"]),
+        # With a refit the served head trained on validation too, for the best epoch's count.
+        "refit_epochs": best_epochs if config.refit else None,
     }
     metrics["best_val_accuracy"] = float(max(history["val_accuracy"]))
     test = load_split(data_dir, "test", domains)

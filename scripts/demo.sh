@@ -17,8 +17,9 @@ else
     # BACKBONE_WEIGHTS: a backbone pre-trained elsewhere (the README's GPU route); otherwise the
     # CPU route (≈ 40–60 min on 2 cores): sketch-domain pre-training of the backbone's top blocks on
     # all 345 QuickDraw categories. Then the head (see the README's measured figures): on the CPU
-    # route's backbone it trains on each image as the engine serves it (--no-augment), on the GPU
-    # route's on augmented views with label smoothing, as each measured best on validation.
+    # route's backbone it trains on each image as the engine serves it (--no-augment) and is then
+    # refit on the training and validation splits together (--refit), on the GPU route's it trains
+    # on augmented views with label smoothing, as each measured best.
     if [ -n "${BACKBONE_WEIGHTS:-}" ]; then
         weights=$BACKBONE_WEIGHTS
         [ -f "$weights" ] || { echo "BACKBONE_WEIGHTS=$weights: no such file" >&2; exit 1; }
@@ -26,7 +27,7 @@ else
     else
         weights=runs/sketch345/backbone.npz
         [ -f "$weights" ] || sbir-engine pretrain --data data --out runs/sketch345
-        head=(--no-augment)
+        head=(--no-augment --refit)
     fi
     [ -f runs/default/model.keras ] ||
         sbir-engine train --data data --out runs/default --backbone-weights "$weights" "${head[@]}"

@@ -6,15 +6,25 @@ import json
 import keras
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from sbir_engine.cli import app
 from sbir_engine.config import EngineConfig
-from sbir_engine.data import Sample
+from sbir_engine.data import Sample, load_split
 from sbir_engine.embed import Embedder
 from sbir_engine.images import load_rgb
+from sbir_engine.metrics import top_k_accuracy
 from sbir_engine.model import build_model, load_model
-from sbir_engine.train import RandomStrokeWidth, compiled_trainer, early_stopping, training_features
+from sbir_engine.train import (
+    RandomStrokeWidth,
+    canvas_samples,
+    compiled_trainer,
+    early_stopping,
+    served_rows,
+    train,
+    training_features,
+)
 
 
 def count(weights) -> int:
@@ -114,6 +124,59 @@ def test_train_refuses_sketch_views_that_no_augment_would_ignore(small_dataset, 
     assert result.exit_code == 1, result.output
     assert "error: --sketch-views counts augmented views" in result.output
     assert not out.exists()
+
+
+def test_a_refit_head_trains_on_validation_too_for_the_epochs_early_stopping_chose(
+    small_run, small_metrics, small_dataset, small_config, tmp_path
+):
+    out = tmp_path / "refit"
+    metrics = train(small_dataset, out, small_config.replace(refit=True), verbose=0)
+    with open(out / "history.csv") as f:
+        judged = [float(row["val_probabilities_accuracy"]) for row in csv.DictReader(f)]
+    assert metrics["refit_epochs"] == int(np.argmax(judged)) + 1 and small_metrics["refit_epochs"] is None
+    # The same seed and cached features: the first fit is the plain run's, which the refit replaced.
+    assert metrics["best_val_accuracy"] == pytest.approx(small_metrics["best_val_accuracy"])
+    refit, plain = load_model(out), load_model(small_run)
+    assert refit.config.refit and not plain.config.refit
+    features, labels, _ = served_rows(refit, load_split(small_dataset, "val"), "val")
+
+    def val_top1(model) -> float:
+        return top_k_accuracy(model.head.predict(features, verbose=0), labels, 1)
+
+    assert val_top1(plain) < 1.0 and val_top1(refit) > val_top1(plain)  # it has seen them
+
+
+def test_refit_and_fine_tuning_are_refused_together(small_dataset, small_config, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="refit head trains on the validation split"):
+        train(small_dataset, out, small_config.replace(refit=True), fine_tune_blocks=1)
+    args = ["train", "--data", str(small_dataset), "--out", str(out), "--fine-tune", "1", "--refit"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "leave out --refit (refit=False) with --fine-tune" in result.output
+    assert not out.exists()
+
+
+def test_canvas_views_render_the_training_drawings_that_have_pen_strokes(
+    small_dataset, small_config, shared_data
+):
+    samples = load_split(small_dataset, "train", ("sketch", "photo"))
+    canvases = canvas_samples(samples, small_config)
+    expected = set()
+    for sample in (s for s in samples if s.domain == "sketch"):
+        strokes = shared_data / "quickdraw-strokes" / f"{sample.label}.ndjson"
+        index = int(sample.path.stem.rsplit("_", 1)[1])
+        if index < len(strokes.read_text().splitlines()):
+            expected.add((sample.label, index))
+    # One per training drawing with a stroke record, and none of the held-out drawings.
+    rendered = [(c.label, int(c.path.stem.split("_")[1].split("-")[0])) for c in canvases]
+    assert sorted(rendered) == sorted(expected)
+    assert len(expected) > 20 and all(c.domain == "sketch" for c in canvases)
+    for canvas in canvases[:10]:
+        image = Image.open(canvas.path)
+        assert image.size == (28, 28) and image.mode == "L" and np.asarray(image).min() < 128
+    again = canvas_samples(samples, small_config)
+    assert [c.path for c in again] == [c.path for c in canvases]  # seeded styles, written once
+    assert canvas_samples(samples, small_config.replace(canvas_strokes=shared_data / "missing")) == []
 
 
 def test_missing_run_folder_is_named(tmp_path):

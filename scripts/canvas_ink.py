@@ -1,0 +1,58 @@
+"""How much ink each browser-canvas style leaves after the sketch normaliser, against the bitmaps.
+
+For the training drawings of a prepared split that have pen-stroke records (line i of
+``<strokes>/<class>.ndjson`` is QuickDraw bitmap i), both the 28×28 bitmap and each canvas style
+of ``images.CANVAS_STYLES`` go through ``normalize_sketch``; the script prints, per style, the
+median ratio of the canvas's ink (summed darkness) to its bitmap's. A ratio far from 1 is a style
+that the normaliser's re-stroking does not bring to the bitmaps' line weight (docs/quality.md,
+"Canvas views"). Training drawings only, so nothing held out is looked at.
+
+    python scripts/canvas_ink.py --split-seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from sbir_engine.config import EngineConfig
+from sbir_engine.data import read_quickdraw_bitmaps, split_indices
+from sbir_engine.images import CANVAS_STYLES, normalize_sketch, render_strokes
+
+
+def ink(image) -> float:
+    return float((255 - np.asarray(image, dtype=np.float64)).sum() / 255)
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--split-seed", type=int, default=0, help="prepare-data --seed of the split")
+    parser.add_argument("--strokes", type=Path, default=EngineConfig().canvas_strokes)
+    args = parser.parse_args()
+    config = EngineConfig()
+    ratios: dict[tuple, list[float]] = {style: [] for style in CANVAS_STYLES}
+    for label in config.classes:
+        path = args.strokes / f"{label}.ndjson"
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        bitmaps = read_quickdraw_bitmaps(config.quickdraw_tarball, label)
+        split = split_indices(len(bitmaps), config.split, f"{args.split_seed}:sketch:{label}")
+        training = set(split["train"])
+        for i, record in enumerate(records):
+            if i not in training:
+                continue
+            bitmap_ink = ink(normalize_sketch(bitmaps[i], config.sketch_raster))
+            for style in CANVAS_STYLES:
+                canvas = normalize_sketch(render_strokes(record["drawing"], *style), config.sketch_raster)
+                ratios[style].append(ink(canvas) / bitmap_ink)
+    print(f"{len(ratios[CANVAS_STYLES[0]])} training drawings with strokes (split seed {args.split_seed})")
+    for (size, width, rgba), values in ratios.items():
+        name = f"canvas {size}px pen {width}{' RGBA' if rgba else ''}"
+        print(f"{name:26s} ink / bitmap ink: median {np.median(values):.2f}")
+
+
+if __name__ == "__main__":
+    main()
