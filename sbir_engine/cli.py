@@ -31,6 +31,13 @@ MilvusUri = Annotated[
     str, typer.Option(help="Milvus: a local .db file (Milvus Lite) or http://host:19530 (a server).")
 ]
 Collection = Annotated[str, typer.Option(help="Milvus collection name.")]
+
+
+def switch(name: str, help: str):
+    """The type of a ``--name/--no-name`` option."""
+    return Annotated[bool, typer.Option(f"--{name}/--no-{name}", help=help)]
+
+
 DEFAULT_COLLECTION = "sbir_gallery"  # sbir_engine.milvus.DEFAULT_COLLECTION, without importing it
 
 
@@ -247,33 +254,22 @@ def train(
             show_default=False,
         ),
     ] = None,
-    augment: Annotated[
-        bool,
-        typer.Option(
-            "--augment/--no-augment",
-            help="Train the head on augmented views, or on each image as the engine serves it.",
-        ),
-    ] = DEFAULTS.augment,
+    augment: switch(
+        "augment", "Train the head on augmented views, or on each image as the engine serves it."
+    ) = DEFAULTS.augment,
     max_photos_per_class: Annotated[
         int, typer.Option(help="Train on at most this many photos of each class (a seeded choice).")
     ] = DEFAULTS.max_photos_per_class,
-    canvas_views: Annotated[
-        bool,
-        typer.Option(
-            "--canvas-views/--no-canvas-views",
-            help="Add canvas renderings of the training drawings that have pen strokes (--canvas-strokes).",
-        ),
-    ] = DEFAULTS.canvas_views,
+    canvas_views: switch(
+        "canvas-views",
+        "Add canvas renderings of the training drawings that have pen strokes (--canvas-strokes).",
+    ) = DEFAULTS.canvas_views,
     canvas_strokes: Annotated[
         Path, typer.Option(help="Folder of <class>.ndjson pen-stroke records (Quick, Draw!'s format).")
     ] = DEFAULTS.canvas_strokes,
-    refit: Annotated[
-        bool,
-        typer.Option(
-            "--refit/--no-refit",
-            help="Then train a fresh head on train + val for the epochs early stopping chose.",
-        ),
-    ] = DEFAULTS.refit,
+    refit: switch(
+        "refit", "Then train a fresh head on train + val for the epochs early stopping chose."
+    ) = DEFAULTS.refit,
 ) -> None:
     """Train the classifier (frozen backbone, cached features; optionally fine-tune its top)."""
     from .train import train as train_model
