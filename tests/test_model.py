@@ -174,8 +174,10 @@ def test_canvas_views_render_the_training_drawings_that_have_pen_strokes(
     for canvas in canvases[:10]:
         image = Image.open(canvas.path)
         assert image.size == (28, 28) and image.mode == "L" and np.asarray(image).min() < 128
+    written = {c.path: c.path.stat().st_mtime_ns for c in canvases}
     again = canvas_samples(samples, small_config)
-    assert [c.path for c in again] == [c.path for c in canvases]  # seeded styles, written once
+    assert [c.path for c in again] == [c.path for c in canvases]  # seeded styles
+    assert {c.path: c.path.stat().st_mtime_ns for c in again} == written  # rendered once, then reused
     assert canvas_samples(samples, small_config.replace(canvas_strokes=shared_data / "missing")) == []
 
 
