@@ -7,6 +7,7 @@ inputs (the augmentation drawn on the CPU workers) and its outputs (weights in r
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
@@ -152,13 +153,25 @@ def test_the_seed_decides_the_batches(drawings, threads):
     assert not all(np.array_equal(x, y) for x, y in zip(first_epoch(1), first_epoch(2), strict=True))
 
 
-def test_forked_workers_augment_the_same_batches_as_threads(drawings, threads):
-    """The GPU run's pool: processes forked with the images, which they read copy-on-write."""
-    images = np.stack(drawings)
-    labels = np.arange(len(images)) % 3
-    sketches = np.arange(len(images)) < 5  # the last three as photos: no stroke-width jitter
-    pool = script.augment_pool(images, sketches, EngineConfig(), 2)
-    try:
+# Run in a fresh interpreter: the pool forks before Keras starts its threads, as in the GPU run.
+# (Forked from this test process, whose TensorFlow threads are running, a worker can die holding a
+# lock and leave the pool waiting for ever.)
+FORKED_VERSUS_THREADS = """
+import importlib.util, sys
+from multiprocessing.pool import ThreadPool
+import numpy as np
+from sbir_engine.config import EngineConfig
+
+spec = importlib.util.spec_from_file_location("pretrain_sketch", sys.argv[1])
+script = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = script
+spec.loader.exec_module(script)
+images = np.load(sys.argv[2])
+labels = np.arange(len(images)) % 3
+sketches = np.arange(len(images)) < 5  # the last three as photos: no stroke-width jitter
+pool = script.augment_pool(images, sketches, EngineConfig(), 2)
+try:
+    with ThreadPool(2) as threads:
         forked = script.batches(images, labels, 3, 4, True, pool, 7)
         threaded = script.batches(images, labels, 3, 4, True, threads, 7)
         for _epoch in range(2):
@@ -166,8 +179,20 @@ def test_forked_workers_augment_the_same_batches_as_threads(drawings, threads):
                 np.testing.assert_array_equal(forked[i][0], threaded[i][0])
             forked.on_epoch_end()
             threaded.on_epoch_end()
-    finally:
-        pool.terminate()
+finally:
+    pool.terminate()
+print("same batches")
+"""
+
+
+def test_forked_workers_augment_the_same_batches_as_threads(drawings, tmp_path):
+    """The GPU run's pool: processes forked with the images, which they read copy-on-write."""
+    np.save(tmp_path / "images.npy", np.stack(drawings))
+    args = [sys.executable, "-c", FORKED_VERSUS_THREADS, str(REPO / "scripts" / "pretrain_sketch.py")]
+    result = subprocess.run(
+        [*args, str(tmp_path / "images.npy")], capture_output=True, text=True, timeout=600, cwd=REPO
+    )
+    assert result.returncode == 0 and "same batches" in result.stdout, result.stderr[-3000:]
 
 
 def test_weight_parts_fit_the_device_limit_and_merge_back(tmp_path):
