@@ -97,6 +97,15 @@ def read_quickdraw_bitmaps(tarball: Path, category: str) -> np.ndarray:
     return np.stack(bitmaps)
 
 
+def read_stroke_records(folder: Path, category: str) -> list[dict]:
+    """Quick, Draw!'s raw records of one category (``<folder>/<category>.ndjson``: ``drawing`` as pen
+    strokes, ``recognized``, …) in file order, so record i is the package's bitmap i; [] without a file."""
+    path = Path(folder) / f"{category}.ndjson"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def split_indices(n: int, fractions: tuple[float, float, float], key: str) -> dict[str, list[int]]:
     """A seeded shuffle of range(n) cut into train/val/test; the same key always gives the same cut."""
     order = list(range(n))

@@ -157,19 +157,16 @@ def evaluate_canvas(engine: SketchEngine, strokes_dir: Path, tarball: Path) -> d
     drawing), so the bitmaps' top-1/top-3 are reported for both groups: how much of the error is
     drawings that nobody's classifier recognises.
     """
-    import json as json_lib
-
-    from .data import read_quickdraw_bitmaps, split_indices
+    from .data import read_quickdraw_bitmaps, read_stroke_records, split_indices
     from .images import CANVAS_STYLES, render_strokes
 
     classes = engine.classes
     inputs: dict[str, list] = {"bitmap": []}
     labels, recognised = [], []
     for label in classes:
-        path = Path(strokes_dir) / f"{label}.ndjson"
-        if not path.is_file():
+        records = read_stroke_records(strokes_dir, label)
+        if not records:
             continue
-        records = [json_lib.loads(line) for line in path.read_text().splitlines() if line.strip()]
         bitmaps = read_quickdraw_bitmaps(tarball, label)
         split = split_indices(len(bitmaps), engine.config.split, f"{engine.config.split_seed}:sketch:{label}")
         unseen = set(split["test"]) if engine.config.refit else set(split["val"]) | set(split["test"])

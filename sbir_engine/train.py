@@ -20,7 +20,7 @@ import numpy as np
 
 from .backbones import cache_dir
 from .config import EngineConfig
-from .data import DOMAINS, DataError, Sample, load_split
+from .data import DOMAINS, DataError, Sample, load_split, read_stroke_records
 from .embed import progress_bar, read_batches
 from .images import CANVAS_STYLES, load_rgb, normalize_sketch, render_strokes
 from .metrics import confusion_matrix, plot_confusion, plot_history, top_k_accuracy
@@ -265,22 +265,22 @@ def canvas_samples(samples: list[Sample], config: EngineConfig) -> list[Sample]:
     written once under the cache, so that it trains like any prepared sketch."""
     rng = np.random.default_rng(config.seed)
     folder = cache_dir() / "canvases"
+    drawings = defaultdict(list)  # class -> its sketches' drawing indices, in the samples' order
+    for sample in samples:
+        named = re.fullmatch(rf"{re.escape(sample.label)}_(\d+)", sample.path.stem)
+        if sample.domain == "sketch" and named:
+            drawings[sample.label].append(int(named[1]))
     out = []
-    for label in sorted({s.label for s in samples if s.domain == "sketch"}):
-        path = Path(config.canvas_strokes) / f"{label}.ndjson"
-        if not path.is_file():
-            continue
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        for sample in samples:
-            named = re.fullmatch(rf"{re.escape(label)}_(\d+)", sample.path.stem)
-            if sample.domain != "sketch" or not named or int(named[1]) >= len(lines):
-                continue
-            index = int(named[1])
+    for label in sorted(drawings):
+        records = read_stroke_records(config.canvas_strokes, label)
+        for index in (i for i in drawings[label] if i < len(records)):
             size, width, rgba = CANVAS_STYLES[rng.integers(len(CANVAS_STYLES))]
-            key = hashlib.sha256(json.dumps([lines[index], size, width, rgba, config.sketch_raster]).encode())
+            key = hashlib.sha256(
+                json.dumps([records[index], size, width, rgba, config.sketch_raster]).encode()
+            )
             file = folder / f"{label}_{index:04d}-{key.hexdigest()[:16]}.png"
             if not file.is_file():
-                canvas = render_strokes(json.loads(lines[index])["drawing"], size, width, rgba)
+                canvas = render_strokes(records[index]["drawing"], size, width, rgba)
                 folder.mkdir(parents=True, exist_ok=True)
                 partial = file.with_suffix(".partial.png")  # a killed run leaves no half-written file
                 normalize_sketch(canvas, config.sketch_raster).save(partial)

@@ -13,13 +13,12 @@ that the normaliser's re-stroking does not bring to the bitmaps' line weight (do
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from sbir_engine.config import EngineConfig
-from sbir_engine.data import read_quickdraw_bitmaps, split_indices
+from sbir_engine.data import read_quickdraw_bitmaps, read_stroke_records, split_indices
 from sbir_engine.images import CANVAS_STYLES, normalize_sketch, render_strokes
 
 
@@ -36,8 +35,7 @@ def main() -> None:
     config = EngineConfig()
     ratios: dict[tuple, list[float]] = {style: [] for style in CANVAS_STYLES}
     for label in config.classes:
-        path = args.strokes / f"{label}.ndjson"
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = read_stroke_records(args.strokes, label)
         bitmaps = read_quickdraw_bitmaps(config.quickdraw_tarball, label)
         split = split_indices(len(bitmaps), config.split, f"{args.split_seed}:sketch:{label}")
         training = set(split["train"])

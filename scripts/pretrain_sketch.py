@@ -437,10 +437,7 @@ def planned_epochs(
     Planned once from the first epoch without compilation; later only shortened, when slower
     epochs (runs sharing a card) would otherwise hit the budget on a rate above the cosine's floor.
     """
-    fit = done + int(seconds_left // epoch_seconds)
-    if not planned:
-        return max(done, min(max_epochs, fit))
-    return max(done, min(planned, fit))
+    return max(done, min(planned or max_epochs, done + int(seconds_left // epoch_seconds)))
 
 
 def save_parts(weights: dict[str, list[np.ndarray]], out: Path, part_bytes: float = 15e6) -> list[Path]:
