@@ -20,8 +20,9 @@ ImageSource = str | Path | bytes | np.ndarray | Image.Image
 INK_THRESHOLD = 200
 # White border around the ink, as a fraction of its longer side: about what QuickDraw bitmaps leave.
 SKETCH_MARGIN = 0.08
-# Canvas strokes are redrawn at this width (in raster pixels) at WORK_SCALE × the raster's resolution.
-STROKE_WIDTH = 1.0
+# Canvas strokes are redrawn at this width (in raster pixels) at WORK_SCALE × the raster's resolution:
+# the width at which canvases carry their bitmaps' ink (scripts/canvas_ink.py, training drawings).
+STROKE_WIDTH = 1.025
 WORK_SCALE = 8
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -203,8 +204,6 @@ def stroke_width(ink: np.ndarray) -> float:
 
 def _restroke(square: np.ndarray, raster: int) -> np.ndarray:
     """Redraw the ink at a fixed width (STROKE_WIDTH raster pixels), whatever pen drew it."""
-    from PIL import ImageFilter
-
     work = WORK_SCALE * raster
     grey = np.asarray(Image.fromarray(square).resize((work, work), Image.Resampling.BOX), dtype=np.uint8)
     # Midway between the ink's typical darkness and white: faint, thin strokes survive the reduction
@@ -212,13 +211,34 @@ def _restroke(square: np.ndarray, raster: int) -> np.ndarray:
     dark = grey[grey < INK_THRESHOLD]
     level = float(np.median(dark)) if dark.size else float(grey.min())
     ink = grey < (level + 255) / 2
-    change = int(round(STROKE_WIDTH * WORK_SCALE - stroke_width(ink)))
-    mask = Image.fromarray(np.where(ink, 0, 255).astype(np.uint8))
-    if change > 0:  # dilate the (dark) ink
-        mask = mask.filter(ImageFilter.MinFilter(change | 1))
-    elif change < -1:  # thin thick marker strokes; by half the excess, as blots inflate the estimate
-        mask = mask.filter(ImageFilter.MaxFilter((-change // 2) | 1))
-    return np.asarray(mask, dtype=np.uint8)
+    # Grow or shrink the ink a pixel of width at a time and keep the step whose measured width is
+    # nearest the target: measured, because growing widens diagonal strokes more than straight ones.
+    target = STROKE_WIDTH * WORK_SCALE
+    width = stroke_width(ink)
+    grow = width < target
+    # Thinning stops at half the excess, as blots inflate the estimate and thin lines would break.
+    steps = 4 * WORK_SCALE if grow else int(np.ceil((width - target) / 2))
+    best, error = ink, abs(width - target)
+    for step in range(steps):
+        ink = _widen(ink, grow, corner=step % 2)
+        width = stroke_width(ink)
+        # Equal is not worse: the estimate reads a 1 px line and a 2 px one both as 2.
+        if not ink.any() or abs(width - target) > error:
+            break
+        if abs(width - target) < error:
+            best, error = ink, abs(width - target)
+    return np.where(best, 0, 255).astype(np.uint8)
+
+
+def _widen(ink: np.ndarray, grow: bool, corner: int) -> np.ndarray:
+    """One pixel more (or less) stroke width: a 2×2 dilation (erosion), anchored at alternate corners so
+    that repeated steps keep the strokes centred."""
+    padded = np.pad(ink, 1)
+    height, width = ink.shape
+    sign = -1 if corner else 1
+    offsets = [(1 + sign * dy, 1 + sign * dx) for dy in (0, 1) for dx in (0, 1)]
+    shifted = [padded[y : y + height, x : x + width] for y, x in offsets]
+    return np.logical_or.reduce(shifted) if grow else np.logical_and.reduce(shifted)
 
 
 def load_sketch(source: ImageSource, size: int, raster: int = 28, **limits: int) -> np.ndarray:

@@ -24,7 +24,7 @@ FINGERPRINT_FILE = "fingerprint.json"
 EMBEDDING_LAYER = "embedding"
 PROBABILITIES_LAYER = "probabilities"
 # Bumped whenever image decoding or the sketch normaliser changes what the network sees.
-PREPROCESSING_VERSION = 1
+PREPROCESSING_VERSION = 2
 
 
 @dataclass

@@ -26,6 +26,7 @@ from .images import CANVAS_STYLES, load_rgb, normalize_sketch, render_strokes
 from .metrics import confusion_matrix, plot_confusion, plot_history, top_k_accuracy
 from .model import (
     EMBEDDING_LAYER,
+    PREPROCESSING_VERSION,
     PROBABILITIES_LAYER,
     SketchModel,
     apply_head,
@@ -275,9 +276,9 @@ def canvas_samples(samples: list[Sample], config: EngineConfig) -> list[Sample]:
         records = read_stroke_records(config.canvas_strokes, label)
         for index in (i for i in drawings[label] if i < len(records)):
             size, width, rgba = CANVAS_STYLES[rng.integers(len(CANVAS_STYLES))]
-            key = hashlib.sha256(
-                json.dumps([records[index], size, width, rgba, config.sketch_raster]).encode()
-            )
+            # The normaliser's version is in the key: a new normaliser must not reuse old renderings.
+            style = [size, width, rgba, config.sketch_raster, PREPROCESSING_VERSION]
+            key = hashlib.sha256(json.dumps([records[index], *style]).encode())
             file = folder / f"{label}_{index:04d}-{key.hexdigest()[:16]}.png"
             if not file.is_file():
                 canvas = render_strokes(records[index]["drawing"], size, width, rgba)

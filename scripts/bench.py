@@ -181,6 +181,7 @@ def photo_files(count: int, work: Path) -> tuple[list[Path], str]:
 def sketch_files(count: int, work: Path) -> tuple[list[Path], str]:
     """Query files as the drawing page sends them: 400 px RGBA canvases of real QuickDraw strokes."""
     from sbir_engine.config import SHARED_DATA
+    from sbir_engine.data import read_stroke_records
     from sbir_engine.images import render_strokes
 
     folder = work / "queries"
@@ -190,8 +191,7 @@ def sketch_files(count: int, work: Path) -> tuple[list[Path], str]:
     if strokes_dir.is_dir():
         per_class = []
         for path in sorted(strokes_dir.glob("*.ndjson")):
-            with open(path) as handle:
-                per_class.append([json.loads(line)["drawing"] for line in handle if line.strip()])
+            per_class.append([record["drawing"] for record in read_stroke_records(strokes_dir, path.stem)])
         i = 0
         while len(drawings) < count and any(i < len(d) for d in per_class):
             drawings.extend(d[i] for d in per_class if i < len(d))

@@ -4,8 +4,9 @@ For the training drawings of a prepared split that have pen-stroke records (line
 ``<strokes>/<class>.ndjson`` is QuickDraw bitmap i), both the 28×28 bitmap and each canvas style
 of ``images.CANVAS_STYLES`` go through ``normalize_sketch``; the script prints, per style, the
 median ratio of the canvas's ink (summed darkness) to its bitmap's. A ratio far from 1 is a style
-that the normaliser's re-stroking does not bring to the bitmaps' line weight (docs/quality.md,
-"Canvas views"). Training drawings only, so nothing held out is looked at.
+that the normaliser's re-stroking does not bring to the bitmaps' line weight; ``images.STROKE_WIDTH``
+is the width at which the median over the styles is nearest 1 (docs/quality.md, "A calibrated
+normaliser"). Training drawings only, so nothing held out is looked at.
 
     python scripts/canvas_ink.py --split-seed 0
 """

@@ -10,7 +10,6 @@ Chromium is Debian's (/usr/bin/chromium, or $CHROMIUM); nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import socket
@@ -119,15 +118,6 @@ def open_page(browser, url: str, timeout_ms: float = 90_000):
     return page
 
 
-def read_strokes(path: Path, index: int = 0) -> list[list[list[float]]]:
-    """The strokes ``[[x...], [y...], [t...]]`` of one drawing of a QuickDraw ndjson file."""
-    with open(path) as lines:
-        for number, line in enumerate(lines):
-            if number == index:
-                return json.loads(line)["drawing"]
-    raise IndexError(f"{path} holds fewer than {index + 1} drawings")
-
-
 def draw_strokes(page, strokes, selector: str = CANVAS, fill: float = 0.8, steps: int = 2) -> None:
     """Draw strokes with the mouse, scaled and centred into the canvas's box (page coordinates)."""
     canvas = page.locator(selector)
@@ -205,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     from playwright.sync_api import sync_playwright
 
     from sbir_engine.config import SHARED_DATA
+    from sbir_engine.data import read_stroke_records
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--index", type=Path, required=True, help="Index folder written by build-index.")
@@ -214,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log", type=Path, default=Path("streamlit-screenshot.log"))
     args = parser.parse_args(argv)
 
-    strokes = read_strokes(SHARED_DATA / "quickdraw-strokes" / f"{args.label}.ndjson", args.drawing)
+    strokes = read_stroke_records(SHARED_DATA / "quickdraw-strokes", args.label)[args.drawing]["drawing"]
     with serve(args.index, args.log) as url, sync_playwright() as playwright:
         browser = launch_chromium(playwright)
         try:

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from sbir_engine.config import SHARED_DATA
+from sbir_engine.data import read_stroke_records
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +79,7 @@ def check_results(page, label: str, captions: list[str], k: int, classes) -> Non
 
 
 def test_drawn_cat_shows_class_and_k_nearest_images(page, small_config, tmp_path):
-    strokes = ui.read_strokes(SHARED_DATA / "quickdraw-strokes" / "cat.ndjson", 0)
+    strokes = read_stroke_records(SHARED_DATA / "quickdraw-strokes", "cat")[0]["drawing"]
     assert page.get_by_text(ui.HINT).is_visible()
     k = int(page.locator(K_SLIDER).input_value())
     assert k == 10

