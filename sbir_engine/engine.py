@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .embed import Embedder
-from .images import ImageSource
+from .images import PREPROCESSING_VERSION, ImageSource
 from .index import GalleryIndex, current_version
 from .model import load_model
 
@@ -193,6 +193,14 @@ def check_compatible(
     index: GalleryIndex, fingerprint: str, dim: int, index_dir: Path, model_dir: Path | None
 ):
     built_by = index.meta["model"]["fingerprint"]
+    built_with = index.meta["model"].get("preprocessing", 1)  # indexes older than the key: version 1
+    if built_by != fingerprint and built_with != PREPROCESSING_VERSION:
+        raise ModelMismatchError(
+            f"the index {index_dir} was built with sketch preprocessing version {built_with} and this "
+            f"sbir-engine prepares images with version {PREPROCESSING_VERSION}: its embeddings would not be "
+            f"comparable. Rebuild it with `sbir-engine build-index --model RUN_DIR` (the model itself "
+            f"needs no retraining)."
+        )
     if built_by != fingerprint:
         where = f" at {model_dir}" if model_dir else ""
         raise ModelMismatchError(

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .build import scan_gallery
-from .embed import read_batches
+from .embed import Embedder, read_batches
 from .engine import SketchEngine, fused_scores
 from .metrics import confusion_matrix, hub_share, plot_confusion, retrieval_metrics, top_k_accuracy
 
@@ -69,7 +69,7 @@ def evaluate(
     }
     if canvas_strokes is not None:
         report["canvas"] = evaluate_canvas(
-            engine, canvas_strokes, quickdraw or engine.config.quickdraw_tarball
+            engine.embedder, canvas_strokes, quickdraw or engine.config.quickdraw_tarball
         )
     if out is not None:
         out = Path(out)
@@ -146,13 +146,16 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate_canvas(engine: SketchEngine, strokes_dir: Path, tarball: Path) -> dict:
+def evaluate_canvas(
+    embedder: Embedder, strokes_dir: Path, tarball: Path, splits: tuple[str, ...] | None = None
+) -> dict:
     """Top-1 of raw pen strokes rendered as canvases versus the same drawings' 28×28 bitmaps.
 
     ``quickdraw-strokes/<class>.ndjson`` holds the first drawings of each category, which are also
     the first bitmaps of the QuickDraw package: line i is bitmap i, so the comparison is paired.
-    Only drawings the model has not trained on count: the validation and test splits' (the test
-    split's alone for a refit head, which trained on validation too).
+    By default only drawings the model has not trained on count: the validation and test splits'
+    (the test split's alone for a refit head, which trained on validation too); ``splits`` names
+    others, such as ``("val",)`` to choose a change without looking at the test split.
     The lines also carry Google's ``recognized`` flag (whether Quick, Draw!'s own classifier knew the
     drawing), so the bitmaps' top-1/top-3 are reported for both groups: how much of the error is
     drawings that nobody's classifier recognises.
@@ -160,7 +163,10 @@ def evaluate_canvas(engine: SketchEngine, strokes_dir: Path, tarball: Path) -> d
     from .data import read_quickdraw_bitmaps, read_stroke_records, split_indices
     from .images import CANVAS_STYLES, render_strokes
 
-    classes = engine.classes
+    config = embedder.config
+    classes = config.classes
+    if splits is None:
+        splits = ("test",) if config.refit else ("val", "test")
     inputs: dict[str, list] = {"bitmap": []}
     labels, recognised = [], []
     for label in classes:
@@ -168,10 +174,10 @@ def evaluate_canvas(engine: SketchEngine, strokes_dir: Path, tarball: Path) -> d
         if not records:
             continue
         bitmaps = read_quickdraw_bitmaps(tarball, label)
-        split = split_indices(len(bitmaps), engine.config.split, f"{engine.config.split_seed}:sketch:{label}")
-        unseen = set(split["test"]) if engine.config.refit else set(split["val"]) | set(split["test"])
+        split = split_indices(len(bitmaps), config.split, f"{config.split_seed}:sketch:{label}")
+        counted = {i for part in splits for i in split[part]}
         for i, record in enumerate(records):
-            if i not in unseen:
+            if i not in counted:
                 continue
             inputs["bitmap"].append(bitmaps[i])
             for size, width, rgba in CANVAS_STYLES:
@@ -185,7 +191,7 @@ def evaluate_canvas(engine: SketchEngine, strokes_dir: Path, tarball: Path) -> d
     probabilities = {
         name: np.concatenate(
             [
-                engine.embedder(np.stack([engine.embedder.load_sketch(im) for im in images[i : i + 64]]))[1]
+                embedder(np.stack([embedder.load_sketch(im) for im in images[i : i + 64]]))[1]
                 for i in range(0, len(images), 64)
             ]
         )

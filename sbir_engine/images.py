@@ -16,6 +16,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageSource = str | Path | bytes | np.ndarray | Image.Image
 
+# Bumped whenever image decoding or the sketch normaliser changes what the network sees: it is part of
+# every model fingerprint, so an index embedded under another version is refused, not silently mixed.
+# 2: canvas strokes are re-stroked to a measured width (see _restroke).
+PREPROCESSING_VERSION = 2
+
 # Ink is anything darker than this on the 0–255 grey scale after compositing onto white.
 INK_THRESHOLD = 200
 # White border around the ink, as a fraction of its longer side: about what QuickDraw bitmaps leave.

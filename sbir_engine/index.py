@@ -26,6 +26,8 @@ from typing import Any, Protocol, runtime_checkable
 import faiss
 import numpy as np
 
+from .images import PREPROCESSING_VERSION
+
 FORMAT_VERSION = 1
 CURRENT = "CURRENT"
 FLAT_LIMIT = 50_000  # below this exact search is fast enough (a few ms on 2 cores)
@@ -677,6 +679,7 @@ def new_meta(
         "metric": "inner_product",
         "model": {
             "fingerprint": fingerprint,
+            "preprocessing": PREPROCESSING_VERSION,  # named when a model is refused after an upgrade
             "run_dir": str(model_dir),
             "run_dir_relative": os.path.relpath(model_dir, index_dir),
         },

@@ -17,14 +17,13 @@ import numpy as np
 
 from .backbones import FEATURE_DIMS, build_backbone
 from .config import EngineConfig
+from .images import PREPROCESSING_VERSION
 
 MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.json"
 FINGERPRINT_FILE = "fingerprint.json"
 EMBEDDING_LAYER = "embedding"
 PROBABILITIES_LAYER = "probabilities"
-# Bumped whenever image decoding or the sketch normaliser changes what the network sees.
-PREPROCESSING_VERSION = 2
 
 
 @dataclass

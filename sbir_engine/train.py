@@ -22,11 +22,10 @@ from .backbones import cache_dir
 from .config import EngineConfig
 from .data import DOMAINS, DataError, Sample, load_split, read_stroke_records
 from .embed import progress_bar, read_batches
-from .images import CANVAS_STYLES, load_rgb, normalize_sketch, render_strokes
+from .images import CANVAS_STYLES, PREPROCESSING_VERSION, load_rgb, normalize_sketch, render_strokes
 from .metrics import confusion_matrix, plot_confusion, plot_history, top_k_accuracy
 from .model import (
     EMBEDDING_LAYER,
-    PREPROCESSING_VERSION,
     PROBABILITIES_LAYER,
     SketchModel,
     apply_head,

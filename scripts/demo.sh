@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The README's demo command: install, prepare the real data, train, build the index, serve the page.
-# Each step is skipped when its output already exists (delete data/, runs/ or index/ to redo it).
+# Each step is skipped when its output already exists (delete data/, runs/ or index/ to redo it),
+# except build-index, which brings an existing index up to date in seconds (new or changed gallery
+# images, or a model that no longer matches it, such as after a change of the sketch normaliser).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet --disable-pip-version-check -e .
@@ -32,5 +34,5 @@ else
     [ -f runs/default/model.keras ] ||
         sbir-engine train --data data --out runs/default --backbone-weights "$weights" "${head[@]}"
 fi
-[ -f index/default/CURRENT ] || sbir-engine build-index --model runs/default --gallery data/gallery --out index/default
+sbir-engine build-index --model runs/default --gallery data/gallery --out index/default
 exec sbir-engine ui --index index/default "$@"

@@ -357,8 +357,10 @@ def edit_meta(index_dir: Path, **changes) -> None:
     path = current_version(index_dir) / "index.json"
     meta = json.loads(path.read_text())
     for key, value in changes.items():
-        if key == "fingerprint":
-            meta["model"]["fingerprint"] = value
+        if key in ("fingerprint", "preprocessing"):
+            meta["model"][key] = value
+            if value is None:  # an index written before the key existed
+                del meta["model"][key]
         else:
             meta[key] = value
     path.write_text(json.dumps(meta))
@@ -369,6 +371,11 @@ def test_cli_refuses_mismatched_or_damaged_indexes_in_one_line(built, corpus, sm
     sketch = corpus.root / corpus.good[0]
     cases = {
         "fingerprint": (dict(fingerprint="0" * 32), r"is not the one that built the index"),
+        # An index from before an upgrade of the sketch normaliser: the message says what to rebuild.
+        "preprocessing": (
+            dict(fingerprint="0" * 32, preprocessing=None),
+            r"built with sketch preprocessing version 1 .* Rebuild it with `sbir-engine build-index",
+        ),
         "dimension": (dict(dim=256), r"embedding dimension mismatch"),
         "format": (dict(format_version=99), r"written in index format 99, newer than this sbir-engine reads"),
         "manifest": (None, r"the manifest does not match the index \(19 manifest entries"),

@@ -99,9 +99,13 @@ def test_canvas_check_pairs_each_unseen_drawing_with_its_bitmap(
     assert "bitmaps recognized" in text and text.count("canvas check") == 5
 
     engine = SketchEngine.load(photo_index)
-    engine.config = engine.config.replace(refit=True)
-    refit = evaluate_canvas(engine, shared_data / "quickdraw-strokes", engine.config.quickdraw_tarball)
+    engine.embedder.config = engine.config.replace(refit=True)
+    strokes, tarball = shared_data / "quickdraw-strokes", engine.config.quickdraw_tarball
+    refit = evaluate_canvas(engine.embedder, strokes, tarball)
     assert 0 < refit["drawings"] == unseen_drawings(shared_data, small_dataset, ("test",))[0] < unseen
+    # A change can be chosen on the validation drawings alone, whatever the head trained on.
+    validation = evaluate_canvas(engine.embedder, strokes, tarball, splits=("val",))
+    assert validation["drawings"] == unseen - refit["drawings"]
 
 
 def test_canvas_check_follows_the_dataset_split_not_the_training_seed(
@@ -110,6 +114,7 @@ def test_canvas_check_follows_the_dataset_split_not_the_training_seed(
     """`train --seed N` on a dataset split with another seed: the held-out drawings stay the dataset's."""
     engine = SketchEngine.load(photo_index)
     assert engine.config.data_seed == json.loads((small_dataset / "dataset.json").read_text())["seed"]
-    engine.config = engine.config.replace(seed=engine.config.data_seed + 7)
-    again = evaluate_canvas(engine, shared_data / "quickdraw-strokes", engine.config.quickdraw_tarball)
+    engine.embedder.config = engine.config.replace(seed=engine.config.data_seed + 7)
+    strokes, tarball = shared_data / "quickdraw-strokes", engine.config.quickdraw_tarball
+    again = evaluate_canvas(engine.embedder, strokes, tarball)
     assert again == evaluation[0]["canvas"]

@@ -1,0 +1,95 @@
+"""The canvas check of trained runs on chosen splits' drawings, and a normaliser change measured against
+an earlier revision's in the same process.
+
+For each run folder (``train --out``), ``evaluate_canvas`` scores the drawings with pen-stroke records
+in ``--drawings`` (``val`` chooses a change without the test split; default: every drawing the run has
+not trained on) as 28×28 bitmaps and as canvases; with ``--against REV`` the canvases are scored a
+second time through ``_restroke`` as ``sbir_engine/images.py`` had it at that git revision. Prints
+each run's per-style top-1, its gap (bitmap top-1 minus the worst style's) and its mean canvas top-1,
+then per prepared split the medians over its runs, and their mean (docs/quality.md, "A calibrated
+normaliser"):
+
+    python scripts/canvas_check.py --drawings val --against 8935994 runs/e12-s0 runs/e12-s1 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from sbir_engine import images
+from sbir_engine.embed import Embedder
+from sbir_engine.evaluate import evaluate_canvas
+from sbir_engine.model import load_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def restroke_at(revision: str):
+    """The normaliser's re-stroking function as ``sbir_engine/images.py`` had it at ``revision``."""
+    source = subprocess.run(
+        ["git", "show", f"{revision}:sbir_engine/images.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / "images_at_revision.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("images_at_revision", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._restroke
+
+
+def gap_and_mean(report: dict) -> tuple[float, float]:
+    styles = [value for name, value in report.items() if name.startswith("canvas ")]
+    return 100 * (report["bitmap"] - min(styles)), statistics.mean(styles)
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders written by `train --out`")
+    parser.add_argument("--drawings", choices=("val", "test", "unseen"), default="unseen")
+    parser.add_argument("--against", help="a git revision whose re-stroking is measured beside this one's")
+    parser.add_argument("--strokes", type=Path, help="quickdraw-strokes folder (default: the run's config)")
+    args = parser.parse_args()
+    versions = {"here": images._restroke}
+    if args.against:
+        versions[args.against] = restroke_at(args.against)
+    splits = None if args.drawings == "unseen" else (args.drawings,)
+    by_split: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for run in args.runs:
+        # The Keras graph, not a derived LiteRT file: nothing is written into the run folders.
+        embedder = Embedder(load_model(run), runtime="tf")
+        config = embedder.config
+        line = []
+        for name, restroke in versions.items():
+            images._restroke = restroke
+            report = evaluate_canvas(
+                embedder, args.strokes or config.canvas_strokes, config.quickdraw_tarball, splits
+            )
+            gap, mean = gap_and_mean(report)
+            by_split[config.split_seed][f"{name} gap"].append(gap)
+            by_split[config.split_seed][f"{name} mean canvas"].append(mean)
+            styles = " ".join(f"{v:.3f}" for k, v in report.items() if k.startswith("canvas "))
+            line.append(f"{name}: styles {styles}, gap {gap:.1f}, mean {mean:.3f}")
+        images._restroke = versions["here"]
+        print(
+            f"{run} ({report['drawings']} drawings, bitmaps {report['bitmap']:.3f}) " + " | ".join(line),
+            flush=True,
+        )
+    for key in next(iter(by_split.values())):
+        medians = {seed: statistics.median(values[key]) for seed, values in sorted(by_split.items())}
+        per_split = ", ".join(f"split {seed} {value:.3f}" for seed, value in medians.items())
+        print(f"{key}: {per_split}; mean over splits {statistics.mean(medians.values()):.3f}")
+
+
+if __name__ == "__main__":
+    main()
