@@ -15,36 +15,16 @@ normaliser"):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import subprocess
-import tempfile
 from collections import defaultdict
 from pathlib import Path
+
+from canvas_ink import restroke_at
 
 from sbir_engine import images
 from sbir_engine.embed import Embedder
 from sbir_engine.evaluate import evaluate_canvas
 from sbir_engine.model import load_model
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def restroke_at(revision: str):
-    """The normaliser's re-stroking function as ``sbir_engine/images.py`` had it at ``revision``."""
-    source = subprocess.run(
-        ["git", "show", f"{revision}:sbir_engine/images.py"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    path = Path(tempfile.mkdtemp()) / "images_at_revision.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("images_at_revision", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module._restroke
 
 
 def gap_and_mean(report: dict) -> tuple[float, float]:

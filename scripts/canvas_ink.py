@@ -15,13 +15,32 @@ looked at.
 from __future__ import annotations
 
 import argparse
+import subprocess
+import types
 from pathlib import Path
 
 import numpy as np
 
+from sbir_engine import images
 from sbir_engine.config import EngineConfig
 from sbir_engine.data import read_quickdraw_bitmaps, read_stroke_records, split_indices
 from sbir_engine.images import CANVAS_STYLES, normalize_sketch, render_strokes
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def restroke_at(revision: str):
+    """The normaliser's re-stroking function as ``sbir_engine/images.py`` had it at ``revision``."""
+    source = subprocess.run(
+        ["git", "show", f"{revision}:sbir_engine/images.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    module = types.ModuleType("images_at_revision")
+    exec(compile(source, f"{revision}:sbir_engine/images.py", "exec"), module.__dict__)
+    return module._restroke
 
 
 def ink(image) -> float:
@@ -46,27 +65,42 @@ def main() -> None:
         help="SIZE,PEN[,rgba]: a canvas style to measure instead of CANVAS_STYLES (repeatable), e.g. "
         "the page's 400 px canvas with its pen slider at 1 and at 30: --style 400,1,rgba --style 400,30,rgba",
     )
+    parser.add_argument("--against", help="a git revision whose re-stroking is measured beside this one's")
     args = parser.parse_args()
     config = EngineConfig()
     styles = args.styles or list(CANVAS_STYLES)
-    ratios: dict[tuple, list[float]] = {style: [] for style in styles}
+    drawings = []  # (bitmap, strokes) of the split's training drawings
     for label in config.classes:
         records = read_stroke_records(args.strokes, label)
         bitmaps = read_quickdraw_bitmaps(config.quickdraw_tarball, label)
         split = split_indices(len(bitmaps), config.split, f"{args.split_seed}:sketch:{label}")
-        training = set(split["train"])
-        for i, record in enumerate(records):
-            if i not in training:
-                continue
-            bitmap_ink = ink(normalize_sketch(bitmaps[i], config.sketch_raster))
-            for style in styles:
-                canvas = normalize_sketch(render_strokes(record["drawing"], *style), config.sketch_raster)
-                ratios[style].append(ink(canvas) / bitmap_ink)
-    print(f"{len(ratios[styles[0]])} training drawings with strokes (split seed {args.split_seed})")
-    for (size, width, rgba), values in ratios.items():
+        drawings += [(bitmaps[i], records[i]["drawing"]) for i in split["train"] if i < len(records)]
+    versions = {"here": images._restroke}
+    if args.against:
+        versions[args.against] = restroke_at(args.against)
+    medians: dict[str, dict[tuple, float]] = {}
+    for version, restroke in versions.items():
+        images._restroke = restroke
+        bitmap_ink = [ink(normalize_sketch(bitmap, config.sketch_raster)) for bitmap, _ in drawings]
+        medians[version] = {
+            style: float(
+                np.median(
+                    [
+                        ink(normalize_sketch(render_strokes(strokes, *style), config.sketch_raster)) / base
+                        for (_, strokes), base in zip(drawings, bitmap_ink, strict=True)
+                    ]
+                )
+            )
+            for style in styles
+        }
+    images._restroke = versions["here"]
+    print(f"{len(drawings)} training drawings with strokes (split seed {args.split_seed})")
+    print(f"{'canvas ink / bitmap ink, median':32s}" + "".join(f"{v:>10s}" for v in versions))
+    for size, width, rgba in styles:
         name = f"canvas {size}px pen {width}{' RGBA' if rgba else ''}"
-        print(f"{name:26s} ink / bitmap ink: median {np.median(values):.2f}")
-    print(f"median over the styles: {np.median([np.median(v) for v in ratios.values()]):.3f}")
+        print(f"{name:32s}" + "".join(f"{medians[v][(size, width, rgba)]:10.2f}" for v in versions))
+    overall = "".join(f"{np.median(list(m.values())):10.3f}" for m in medians.values())
+    print(f"{'median over the styles':32s}" + overall)
 
 
 if __name__ == "__main__":
