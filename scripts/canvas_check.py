@@ -19,9 +19,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from canvas_ink import restroke_at
+from canvas_ink import restroke_versions, restroking_with
 
-from sbir_engine import images
 from sbir_engine.embed import Embedder
 from sbir_engine.evaluate import evaluate_canvas
 from sbir_engine.model import load_model
@@ -40,9 +39,7 @@ def main() -> None:
     parser.add_argument("--against", help="a git revision whose re-stroking is measured beside this one's")
     parser.add_argument("--strokes", type=Path, help="quickdraw-strokes folder (default: the run's config)")
     args = parser.parse_args()
-    versions = {"here": images._restroke}
-    if args.against:
-        versions[args.against] = restroke_at(args.against)
+    versions = restroke_versions(args.against)
     splits = None if args.drawings == "unseen" else (args.drawings,)
     by_split: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for run in args.runs:
@@ -51,16 +48,15 @@ def main() -> None:
         config = embedder.config
         line = []
         for name, restroke in versions.items():
-            images._restroke = restroke
-            report = evaluate_canvas(
-                embedder, args.strokes or config.canvas_strokes, config.quickdraw_tarball, splits
-            )
+            with restroking_with(restroke):
+                report = evaluate_canvas(
+                    embedder, args.strokes or config.canvas_strokes, config.quickdraw_tarball, splits
+                )
             gap, mean = gap_and_mean(report)
             by_split[config.split_seed][f"{name} gap"].append(gap)
             by_split[config.split_seed][f"{name} mean canvas"].append(mean)
             styles = " ".join(f"{v:.3f}" for k, v in report.items() if k.startswith("canvas "))
             line.append(f"{name}: styles {styles}, gap {gap:.1f}, mean {mean:.3f}")
-        images._restroke = versions["here"]
         print(
             f"{run} ({report['drawings']} drawings, bitmaps {report['bitmap']:.3f}) " + " | ".join(line),
             flush=True,

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import subprocess
 import types
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,25 @@ def restroke_at(revision: str):
     module = types.ModuleType("images_at_revision")
     exec(compile(source, f"{revision}:sbir_engine/images.py", "exec"), module.__dict__)
     return module._restroke
+
+
+def restroke_versions(against: str | None) -> dict[str, Callable]:
+    """This checkout's re-stroking as "here", and ``against``'s beside it when a revision is given."""
+    versions = {"here": images._restroke}
+    if against:
+        versions[against] = restroke_at(against)
+    return versions
+
+
+@contextmanager
+def restroking_with(restroke: Callable):
+    """Let ``normalize_sketch`` re-stroke with ``restroke`` inside the block; the original after it."""
+    saved = images._restroke
+    images._restroke = restroke
+    try:
+        yield
+    finally:
+        images._restroke = saved
 
 
 def ink(image) -> float:
@@ -75,25 +96,20 @@ def main() -> None:
         bitmaps = read_quickdraw_bitmaps(config.quickdraw_tarball, label)
         split = split_indices(len(bitmaps), config.split, f"{args.split_seed}:sketch:{label}")
         drawings += [(bitmaps[i], records[i]["drawing"]) for i in split["train"] if i < len(records)]
-    versions = {"here": images._restroke}
-    if args.against:
-        versions[args.against] = restroke_at(args.against)
+    versions = restroke_versions(args.against)
+    # 28 px bitmaps skip the re-stroking: their ink is the same under every version.
+    bitmap_ink = [ink(normalize_sketch(bitmap, config.sketch_raster)) for bitmap, _ in drawings]
+
+    def median_ratio(style: tuple[int, int, bool]) -> float:
+        canvas_ink = [
+            ink(normalize_sketch(render_strokes(s, *style), config.sketch_raster)) for _, s in drawings
+        ]
+        return float(np.median(np.array(canvas_ink) / bitmap_ink))
+
     medians: dict[str, dict[tuple, float]] = {}
     for version, restroke in versions.items():
-        images._restroke = restroke
-        bitmap_ink = [ink(normalize_sketch(bitmap, config.sketch_raster)) for bitmap, _ in drawings]
-        medians[version] = {
-            style: float(
-                np.median(
-                    [
-                        ink(normalize_sketch(render_strokes(strokes, *style), config.sketch_raster)) / base
-                        for (_, strokes), base in zip(drawings, bitmap_ink, strict=True)
-                    ]
-                )
-            )
-            for style in styles
-        }
-    images._restroke = versions["here"]
+        with restroking_with(restroke):
+            medians[version] = {style: median_ratio(style) for style in styles}
     print(f"{len(drawings)} training drawings with strokes (split seed {args.split_seed})")
     print(f"{'canvas ink / bitmap ink, median':32s}" + "".join(f"{v:>10s}" for v in versions))
     for size, width, rgba in styles:
