@@ -4,7 +4,7 @@ an earlier revision's in the same process.
 For each run folder (``train --out``), ``evaluate_canvas`` scores the drawings with pen-stroke records
 in ``--drawings`` (``val`` chooses a change without the test split; default: every drawing the run has
 not trained on) as 28×28 bitmaps and as canvases; with ``--against REV`` the canvases are scored a
-second time through ``_restroke`` as ``sbir_engine/images.py`` had it at that git revision. Prints
+second time through ``normalize_sketch`` as ``sbir_engine/images.py`` had it at that git revision. Prints
 each run's per-style top-1, its gap (bitmap top-1 minus the worst style's) and its mean canvas top-1,
 then per prepared split the medians over its runs, and their mean (docs/quality.md, "A calibrated
 normaliser"):
@@ -19,7 +19,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from canvas_ink import restroke_versions, restroking_with
+from canvas_ink import normaliser_versions, normalising_with
 
 from sbir_engine.embed import Embedder
 from sbir_engine.evaluate import evaluate_canvas
@@ -36,10 +36,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run folders written by `train --out`")
     parser.add_argument("--drawings", choices=("val", "test", "unseen"), default="unseen")
-    parser.add_argument("--against", help="a git revision whose re-stroking is measured beside this one's")
+    parser.add_argument("--against", help="a git revision whose sketch normaliser is scored beside this one")
     parser.add_argument("--strokes", type=Path, help="quickdraw-strokes folder (default: the run's config)")
     args = parser.parse_args()
-    versions = restroke_versions(args.against)
+    versions = normaliser_versions(args.against)
     splits = None if args.drawings == "unseen" else (args.drawings,)
     by_split: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for run in args.runs:
@@ -47,8 +47,8 @@ def main() -> None:
         embedder = Embedder(load_model(run), runtime="tf")
         config = embedder.config
         line = []
-        for name, restroke in versions.items():
-            with restroking_with(restroke):
+        for name, normaliser in versions.items():
+            with normalising_with(normaliser):
                 report = evaluate_canvas(
                     embedder, args.strokes or config.canvas_strokes, config.quickdraw_tarball, splits
                 )

@@ -31,8 +31,8 @@ from sbir_engine.images import CANVAS_STYLES, normalize_sketch, render_strokes
 REPO = Path(__file__).resolve().parent.parent
 
 
-def restroke_at(revision: str):
-    """The normaliser's re-stroking function as ``sbir_engine/images.py`` had it at ``revision``."""
+def normaliser_at(revision: str):
+    """``normalize_sketch`` as ``sbir_engine/images.py`` had it at ``revision``."""
     source = subprocess.run(
         ["git", "show", f"{revision}:sbir_engine/images.py"],
         cwd=REPO,
@@ -42,26 +42,26 @@ def restroke_at(revision: str):
     ).stdout
     module = types.ModuleType("images_at_revision")
     exec(compile(source, f"{revision}:sbir_engine/images.py", "exec"), module.__dict__)
-    return module._restroke
+    return module.normalize_sketch
 
 
-def restroke_versions(against: str | None) -> dict[str, Callable]:
-    """This checkout's re-stroking as "here", and ``against``'s beside it when a revision is given."""
-    versions = {"here": images._restroke}
+def normaliser_versions(against: str | None) -> dict[str, Callable]:
+    """This checkout's sketch normaliser as "here", and ``against``'s beside it when a revision is given."""
+    versions = {"here": images.normalize_sketch}
     if against:
-        versions[against] = restroke_at(against)
+        versions[against] = normaliser_at(against)
     return versions
 
 
 @contextmanager
-def restroking_with(restroke: Callable):
-    """Let ``normalize_sketch`` re-stroke with ``restroke`` inside the block; the original after it."""
-    saved = images._restroke
-    images._restroke = restroke
+def normalising_with(normaliser: Callable):
+    """Let every query sketch go through ``normaliser`` inside the block; the original after it."""
+    saved = images.normalize_sketch
+    images.normalize_sketch = normaliser
     try:
         yield
     finally:
-        images._restroke = saved
+        images.normalize_sketch = saved
 
 
 def ink(image) -> float:
@@ -86,7 +86,7 @@ def main() -> None:
         help="SIZE,PEN[,rgba]: a canvas style to measure instead of CANVAS_STYLES (repeatable), e.g. "
         "the page's 400 px canvas with its pen slider at 1 and at 30: --style 400,1,rgba --style 400,30,rgba",
     )
-    parser.add_argument("--against", help="a git revision whose re-stroking is measured beside this one's")
+    parser.add_argument("--against", help="a git revision whose sketch normaliser is scored beside this one")
     args = parser.parse_args()
     config = EngineConfig()
     styles = args.styles or list(CANVAS_STYLES)
@@ -96,20 +96,18 @@ def main() -> None:
         bitmaps = read_quickdraw_bitmaps(config.quickdraw_tarball, label)
         split = split_indices(len(bitmaps), config.split, f"{args.split_seed}:sketch:{label}")
         drawings += [(bitmaps[i], records[i]["drawing"]) for i in split["train"] if i < len(records)]
-    versions = restroke_versions(args.against)
-    # 28 px bitmaps skip the re-stroking: their ink is the same under every version.
+    versions = normaliser_versions(args.against)
+    # 28 px bitmaps skip the canvas treatment: their ink is the same under every version.
     bitmap_ink = [ink(normalize_sketch(bitmap, config.sketch_raster)) for bitmap, _ in drawings]
 
-    def median_ratio(style: tuple[int, int, bool]) -> float:
-        canvas_ink = [
-            ink(normalize_sketch(render_strokes(s, *style), config.sketch_raster)) for _, s in drawings
-        ]
+    def median_ratio(style: tuple[int, int, bool], normalise: Callable) -> float:
+        canvas_ink = [ink(normalise(render_strokes(s, *style), config.sketch_raster)) for _, s in drawings]
         return float(np.median(np.array(canvas_ink) / bitmap_ink))
 
-    medians: dict[str, dict[tuple, float]] = {}
-    for version, restroke in versions.items():
-        with restroking_with(restroke):
-            medians[version] = {style: median_ratio(style) for style in styles}
+    medians = {
+        version: {style: median_ratio(style, normalise) for style in styles}
+        for version, normalise in versions.items()
+    }
     print(f"{len(drawings)} training drawings with strokes (split seed {args.split_seed})")
     print(f"{'canvas ink / bitmap ink, median':32s}" + "".join(f"{v:>10s}" for v in versions))
     for size, width, rgba in styles:
