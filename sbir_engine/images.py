@@ -219,8 +219,9 @@ def _draw_as_bitmap(crop: np.ndarray, raster: int) -> np.ndarray:
     """A cropped canvas drawn as QuickDraw's bitmaps are: filling the raster edge to edge, with its strokes
     at the bitmaps' width and darkness, so that the bitmaps' own crop and box filter then treat it alike
     (their faint edge pixels included)."""
-    square = _pad_square(crop, max(crop.shape))
-    strokes = Image.fromarray(_restroke(square, raster)).resize((raster, raster), Image.Resampling.BOX)
+    restroked = _crop_to_ink(_restroke(_pad_square(crop, max(crop.shape)), raster), "")
+    square = _pad_square(restroked, max(restroked.shape))
+    strokes = Image.fromarray(square).resize((raster, raster), Image.Resampling.BOX)
     darkness = (255.0 - np.asarray(strokes, dtype=np.float64)) * INK_GAIN
     return (255.0 - np.clip(darkness, 0.0, 255.0)).round().astype(np.uint8)
 
@@ -246,15 +247,19 @@ def _restroke(square: np.ndarray, raster: int) -> np.ndarray:
     # nearest the target: measured, because growing widens diagonal strokes more than straight ones.
     target = STROKE_WIDTH * WORK_SCALE
     width = stroke_width(ink)
-    grow = width < target
-    # Thinning stops at half the excess, as blots inflate the estimate and thin lines would break.
-    steps = 4 * WORK_SCALE if grow else int(np.ceil((width - target) / 2))
+    if width > target:
+        # A pen wider than the bitmaps': drawn again from its centre lines (thinning step by step
+        # would break thin strokes before it reached the blots where strokes cross).
+        from skimage.morphology import skeletonize
+
+        ink = skeletonize(ink)
+        width = stroke_width(ink)
     best, error = ink, abs(width - target)
-    for step in range(steps):
-        ink = _widen(ink, grow, corner=step % 2)
+    for step in range(4 * WORK_SCALE):
+        ink = _widen(ink, grow=True, corner=step % 2)
         width = stroke_width(ink)
         # Equal is not worse: the estimate reads a 1 px line and a 2 px one both as 2.
-        if not ink.any() or abs(width - target) > error:
+        if abs(width - target) > error:
             break
         if abs(width - target) < error:
             best, error = ink, abs(width - target)
