@@ -19,19 +19,15 @@ ImageSource = str | Path | bytes | np.ndarray | Image.Image
 # Bumped whenever image decoding or the sketch normaliser changes what the network sees: it is part of
 # every model fingerprint, so an index embedded under another version is refused, not silently mixed.
 # 2: canvas strokes are re-stroked to a measured width (see _restroke).
-# 3: canvases are first drawn as QuickDraw draws its bitmaps, then normalised as one (see _draw_as_bitmap).
-PREPROCESSING_VERSION = 3
+PREPROCESSING_VERSION = 2
 
 # Ink is anything darker than this on the 0–255 grey scale after compositing onto white.
 INK_THRESHOLD = 200
 # White border around the ink, as a fraction of its longer side: about what QuickDraw bitmaps leave.
 SKETCH_MARGIN = 0.08
-# Canvas strokes are redrawn at this width (in raster pixels of a frame the drawing fills) at WORK_SCALE ×
-# the raster's resolution, box-filtered, and their darkness multiplied by INK_GAIN: the pair whose grey
-# levels come nearest QuickDraw's bitmaps', which put their ink in fewer, darker pixels than a plain box
-# filter does (training drawings; docs/quality.md, rule H).
-STROKE_WIDTH = 0.95
-INK_GAIN = 1.3
+# Canvas strokes are redrawn at this width (in raster pixels) at WORK_SCALE × the raster's resolution:
+# the width at which canvases carry their bitmaps' ink (scripts/canvas_ink.py, training drawings).
+STROKE_WIDTH = 1.025
 WORK_SCALE = 8
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -179,51 +175,28 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
     """Any drawing → black ink on white, cropped to its ink, padded square, rastered at ``raster`` px.
 
     A thin-lined 400 px browser canvas and a 28 px QuickDraw bitmap come out alike: ink is found
-    on the composited grey image, light-on-dark drawings are inverted, and anything larger than a
-    bitmap is first drawn as QuickDraw drew the bitmaps the model learnt from, then goes their way.
+    on the composited grey image, light-on-dark drawings are inverted, and the box filter turns
+    thin strokes into the soft, thick lines of the bitmaps the model learnt from.
     """
     name = _describe(source)
     grey = np.asarray(composite_on_white(open_image(source, **limits)).convert("L"), dtype=np.uint8)
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
     if np.median(border) < 128:  # white (or coloured) ink on a dark board
         grey = 255 - grey
-    crop = _crop_to_ink(grey, name)
-    if _padded_side(crop) > 2 * raster:  # a canvas or a scan, not a bitmap
-        crop = _crop_to_ink(_draw_as_bitmap(crop, raster), name)
-    square = _pad_square(crop, _padded_side(crop))
-    return Image.fromarray(square).resize((raster, raster), Image.Resampling.BOX)
-
-
-def _crop_to_ink(grey: np.ndarray, name: str) -> np.ndarray:
     ink = grey < INK_THRESHOLD
     if not ink.any():
         raise EmptySketchError(name, "the sketch is empty (no ink found)")
     rows = np.flatnonzero(ink.any(axis=1))
     cols = np.flatnonzero(ink.any(axis=0))
-    return grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-
-
-def _padded_side(crop: np.ndarray) -> int:
-    return int(round(max(crop.shape) * (1 + 2 * SKETCH_MARGIN)))
-
-
-def _pad_square(crop: np.ndarray, side: int) -> np.ndarray:
+    crop = grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     height, width = crop.shape
+    side = int(round(max(height, width) * (1 + 2 * SKETCH_MARGIN)))
     square = np.full((side, side), 255, dtype=np.uint8)
     top, left = (side - height) // 2, (side - width) // 2
     square[top : top + height, left : left + width] = crop
-    return square
-
-
-def _draw_as_bitmap(crop: np.ndarray, raster: int) -> np.ndarray:
-    """A cropped canvas drawn as QuickDraw's bitmaps are: filling the raster edge to edge, with its strokes
-    at the bitmaps' width and darkness, so that the bitmaps' own crop and box filter then treat it alike
-    (their faint edge pixels included)."""
-    restroked = _crop_to_ink(_restroke(_pad_square(crop, max(crop.shape)), raster), "")
-    square = _pad_square(restroked, max(restroked.shape))
-    strokes = Image.fromarray(square).resize((raster, raster), Image.Resampling.BOX)
-    darkness = (255.0 - np.asarray(strokes, dtype=np.float64)) * INK_GAIN
-    return (255.0 - np.clip(darkness, 0.0, 255.0)).round().astype(np.uint8)
+    if side > 2 * raster:  # a canvas or a scan, not a bitmap: give its strokes the bitmaps' width
+        square = _restroke(square, raster)
+    return Image.fromarray(square).resize((raster, raster), Image.Resampling.BOX)
 
 
 def stroke_width(ink: np.ndarray) -> float:
@@ -247,19 +220,15 @@ def _restroke(square: np.ndarray, raster: int) -> np.ndarray:
     # nearest the target: measured, because growing widens diagonal strokes more than straight ones.
     target = STROKE_WIDTH * WORK_SCALE
     width = stroke_width(ink)
-    if width > target:
-        # A pen wider than the bitmaps': drawn again from its centre lines (thinning step by step
-        # would break thin strokes before it reached the blots where strokes cross).
-        from skimage.morphology import skeletonize
-
-        ink = skeletonize(ink)
-        width = stroke_width(ink)
+    grow = width < target
+    # Thinning stops at half the excess, as blots inflate the estimate and thin lines would break.
+    steps = 4 * WORK_SCALE if grow else int(np.ceil((width - target) / 2))
     best, error = ink, abs(width - target)
-    for step in range(4 * WORK_SCALE):
-        ink = _widen(ink, grow=True, corner=step % 2)
+    for step in range(steps):
+        ink = _widen(ink, grow, corner=step % 2)
         width = stroke_width(ink)
         # Equal is not worse: the estimate reads a 1 px line and a 2 px one both as 2.
-        if abs(width - target) > error:
+        if not ink.any() or abs(width - target) > error:
             break
         if abs(width - target) < error:
             best, error = ink, abs(width - target)
