@@ -6,8 +6,10 @@ of ``images.CANVAS_STYLES`` (or each ``--style``) go through ``normalize_sketch`
 prints, per style, the median ratio of the canvas's ink (summed darkness) to its bitmap's. A ratio
 far from 1 is a style that the normaliser's re-stroking does not bring to the bitmaps' line
 weight; ``images.STROKE_WIDTH`` is the width at which the median over the styles is nearest 1
-(docs/quality.md, "A calibrated normaliser"). Training drawings only, so nothing held out is
-looked at.
+(docs/quality.md, "A calibrated normaliser"). A second table gives how that ink is laid down: of
+the grey pixels (darker than 224), the share that is near-black (darker than 32) and their number
+per drawing, for the bitmaps and each style (docs/quality.md, "Drawn as QuickDraw drew its
+bitmaps"). Training drawings only, so nothing held out is looked at.
 
     python scripts/canvas_ink.py --split-seed 0
 """
@@ -97,24 +99,41 @@ def main() -> None:
         split = split_indices(len(bitmaps), config.split, f"{args.split_seed}:sketch:{label}")
         drawings += [(bitmaps[i], records[i]["drawing"]) for i in split["train"] if i < len(records)]
     versions = normaliser_versions(args.against)
-    # 28 px bitmaps skip the canvas treatment: their ink is the same under every version.
-    bitmap_ink = [ink(normalize_sketch(bitmap, config.sketch_raster)) for bitmap, _ in drawings]
-
-    def median_ratio(style: tuple[int, int, bool], normalise: Callable) -> float:
-        canvas_ink = [ink(normalise(render_strokes(s, *style), config.sketch_raster)) for _, s in drawings]
-        return float(np.median(np.array(canvas_ink) / bitmap_ink))
-
-    medians = {
-        version: {style: median_ratio(style, normalise) for style in styles}
+    # 28 px bitmaps skip the canvas treatment: they come out the same under every version.
+    bitmaps = [normalize_sketch(bitmap, config.sketch_raster) for bitmap, _ in drawings]
+    bitmap_ink = [ink(bitmap) for bitmap in bitmaps]
+    canvases = {
+        (version, style): [normalise(render_strokes(s, *style), config.sketch_raster) for _, s in drawings]
         for version, normalise in versions.items()
+        for style in styles
+    }
+    medians = {
+        key: float(np.median(np.array([ink(canvas) for canvas in normalised]) / bitmap_ink))
+        for key, normalised in canvases.items()
     }
     print(f"{len(drawings)} training drawings with strokes (split seed {args.split_seed})")
     print(f"{'canvas ink / bitmap ink, median':32s}" + "".join(f"{v:>10s}" for v in versions))
-    for size, width, rgba in styles:
-        name = f"canvas {size}px pen {width}{' RGBA' if rgba else ''}"
-        print(f"{name:32s}" + "".join(f"{medians[v][(size, width, rgba)]:10.2f}" for v in versions))
-    overall = "".join(f"{np.median(list(m.values())):10.3f}" for m in medians.values())
-    print(f"{'median over the styles':32s}" + overall)
+    for style in styles:
+        print(f"{style_name(style):32s}" + "".join(f"{medians[v, style]:10.2f}" for v in versions))
+    overall = [np.median([medians[v, style] for style in styles]) for v in versions]
+    print(f"{'median over the styles':32s}" + "".join(f"{value:10.3f}" for value in overall))
+    # Equal ink can be spread thin or kept dark: how many grey pixels carry it, and how many are near-black.
+    print(f"\n{'grey levels: near-black share, grey px':32s}" + "".join(f"{v:>16s}" for v in versions))
+    print(f"{'the bitmaps':32s}" + grey_levels(bitmaps) * len(versions))
+    for style in styles:
+        print(f"{style_name(style):32s}" + "".join(grey_levels(canvases[v, style]) for v in versions))
+
+
+def style_name(style: tuple[int, int, bool]) -> str:
+    size, width, rgba = style
+    return f"canvas {size}px pen {width}{' RGBA' if rgba else ''}"
+
+
+def grey_levels(images: list) -> str:
+    """Of the pixels darker than 224, the share darker than 32, and their number per drawing."""
+    pixels = np.concatenate([np.asarray(image).ravel() for image in images])
+    grey = pixels[pixels < 224]
+    return f"{(grey < 32).mean():9.2f}{grey.size / len(images):7.0f}"
 
 
 if __name__ == "__main__":

@@ -116,8 +116,11 @@ def test_zoom_scales_the_drawing_about_the_centre(drawings):
 
 
 @pytest.fixture(scope="module")
-def threads():
-    """The worker processes' interface, in threads, for the tests that need no fork."""
+def threads(drawings):
+    """The worker processes' interface, in threads, for the tests that need no fork: the workers'
+    data is the ``drawings``, all of them sketches."""
+    images = np.stack(drawings)
+    script._WORKER_DATA.update(images=images, sketches=np.ones(len(images), bool), config=EngineConfig())
     with ThreadPool(2) as pool:
         yield pool
 
@@ -125,7 +128,6 @@ def threads():
 def test_training_batches_draw_new_augmentations_each_epoch_and_repeat_within_one(drawings, threads):
     images = np.stack(drawings)
     labels = np.arange(len(images)) % 3
-    script._WORKER_DATA.update(images=images, sketches=np.ones(len(images), bool), config=EngineConfig())
     data = script.batches(images, labels, 3, 4, True, threads)
     x, y = data[0]
     assert x.shape == (4, 180, 180, 3) and x.dtype == np.uint8
@@ -142,7 +144,6 @@ def test_training_batches_draw_new_augmentations_each_epoch_and_repeat_within_on
 def test_the_seed_decides_the_batches(drawings, threads):
     images = np.stack(drawings)
     labels = np.arange(len(images)) % 3
-    script._WORKER_DATA.update(images=images, sketches=np.ones(len(images), bool), config=EngineConfig())
 
     def first_epoch(seed: int) -> list[np.ndarray]:
         data = script.batches(images, labels, 3, 4, True, threads, seed)
