@@ -7,7 +7,7 @@ not trained on) as 28×28 bitmaps and as canvases; with ``--against REV`` the ca
 second time through ``normalize_sketch`` as ``sbir_engine/images.py`` had it at that git revision. Prints
 each run's per-style top-1, its gap (bitmap top-1 minus the worst style's) and its mean canvas top-1,
 then per prepared split the medians over its runs, and their mean (docs/quality.md, "A calibrated
-normaliser"):
+normaliser"); the medians pool every run given on a split, so give one recipe's runs at a time:
 
     python scripts/canvas_check.py --drawings val --against 8935994 runs/e12-s0 runs/e12-s1 ...
 """
@@ -35,7 +35,13 @@ def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run folders written by `train --out`")
-    parser.add_argument("--drawings", choices=("val", "test", "unseen"), default="unseen")
+    parser.add_argument(
+        "--drawings",
+        choices=("train", "val", "test", "unseen"),
+        default="unseen",
+        help="whose drawings: unseen (the default) counts those the run has not trained on; train those "
+        "whose bitmaps it learnt, which asks only whether canvases follow their bitmaps",
+    )
     parser.add_argument("--against", help="a git revision whose sketch normaliser is scored beside this one")
     parser.add_argument("--strokes", type=Path, help="quickdraw-strokes folder (default: the run's config)")
     args = parser.parse_args()
