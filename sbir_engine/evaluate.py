@@ -138,6 +138,10 @@ def format_report(report: dict) -> str:
                 f"  bitmaps {group:18s} {numbers['drawings']:4d} drawings  "
                 f"top-1 {numbers['top1']:.3f}  top-3 {numbers['top3']:.3f}"
             )
+    for miss in report.get("canvas", {}).get("misses", []):
+        flag = "recognized" if miss["recognized"] else "not recognized"
+        wrong = ", ".join(f"{style.removeprefix('canvas ')} → {c}" for style, c in miss["wrong"].items())
+        lines.append(f"canvas miss: {miss['drawing']} ({flag} by Google; its bitmap right): {wrong}")
     for miss in report["top3_misses"]:
         top3 = ", ".join(f"{c} {p:.2f}" for c, p in miss["top3"])
         label = f"{miss['label']} {miss['label_probability']:.3f}"
@@ -158,7 +162,8 @@ def evaluate_canvas(
     others, such as ``("val",)`` to choose a change without looking at the test split.
     The lines also carry Google's ``recognized`` flag (whether Quick, Draw!'s own classifier knew the
     drawing), so the bitmaps' top-1/top-3 are reported for both groups: how much of the error is
-    drawings that nobody's classifier recognises.
+    drawings that nobody's classifier recognises. ``misses`` lists the drawings whose bitmap
+    is classified right and at least one canvas style wrong, with what each such style answered.
     """
     from .data import read_quickdraw_bitmaps, read_stroke_records, split_indices
     from .images import CANVAS_STYLES, render_strokes
@@ -168,7 +173,7 @@ def evaluate_canvas(
     if splits is None:
         splits = ("test",) if config.refit else ("val", "test")
     inputs: dict[str, list] = {"bitmap": []}
-    labels, recognised = [], []
+    labels, recognised, drawings = [], [], []
     for label in classes:
         records = read_stroke_records(strokes_dir, label)
         if not records:
@@ -185,6 +190,7 @@ def evaluate_canvas(
                 inputs.setdefault(name, []).append(render_strokes(record["drawing"], size, width, rgba))
             labels.append(classes.index(label))
             recognised.append(bool(record.get("recognized", True)))
+            drawings.append(f"{label}_{i:04d}")  # its bitmap's name in the prepared dataset
     if not labels:
         raise FileNotFoundError(f"no <class>.ndjson stroke files for {classes} in {strokes_dir}")
     labels = np.array(labels)
@@ -208,4 +214,15 @@ def evaluate_canvas(
         }
         for group, mask in (("recognized", recognised), ("not recognized", ~recognised))
     }
+    predicted = {name: p.argmax(axis=1) for name, p in probabilities.items()}
+    wrong = {name: predicted[name] != labels for name in predicted if name != "bitmap"}
+    report["misses"] = [
+        {
+            "drawing": drawings[j],
+            "recognized": bool(recognised[j]),
+            "wrong": {name: classes[predicted[name][j]] for name in wrong if wrong[name][j]},
+        }
+        for j in np.flatnonzero(predicted["bitmap"] == labels)
+        if any(style_wrong[j] for style_wrong in wrong.values())
+    ]
     return report

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from canvas_ink import normaliser_versions, normalising_with
@@ -44,10 +44,14 @@ def main() -> None:
     )
     parser.add_argument("--against", help="a git revision whose sketch normaliser is scored beside this one")
     parser.add_argument("--strokes", type=Path, help="quickdraw-strokes folder (default: the run's config)")
+    parser.add_argument(
+        "--misses", action="store_true", help="list the drawings that canvases lose and their bitmaps win"
+    )
     args = parser.parse_args()
     versions = normaliser_versions(args.against)
     splits = None if args.drawings == "unseen" else (args.drawings,)
     by_split: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    misses: dict[str, Counter] = defaultdict(Counter)  # per version: (drawing, recognised) -> styles × runs
     for run in args.runs:
         # The Keras graph, not a derived LiteRT file: nothing is written into the run folders.
         embedder = Embedder(load_model(run), runtime="tf")
@@ -58,6 +62,7 @@ def main() -> None:
                 report = evaluate_canvas(
                     embedder, args.strokes or config.canvas_strokes, config.quickdraw_tarball, splits
                 )
+            misses[name].update({(m["drawing"], m["recognized"]): len(m["wrong"]) for m in report["misses"]})
             gap, mean = gap_and_mean(report)
             by_split[config.split_seed][f"{name} gap"].append(gap)
             by_split[config.split_seed][f"{name} mean canvas"].append(mean)
@@ -71,6 +76,11 @@ def main() -> None:
         medians = {seed: statistics.median(values[key]) for seed, values in sorted(by_split.items())}
         per_split = ", ".join(f"split {seed} {value:.3f}" for seed, value in medians.items())
         print(f"{key}: {per_split}; mean over splits {statistics.mean(medians.values()):.3f}")
+    for name, counts in misses.items() if args.misses else ():
+        lost = sum(counts.values())
+        print(f"{name}: {lost} canvases lost where the bitmap won (styles × runs), by drawing:")
+        for (drawing, recognised), count in counts.most_common():
+            print(f"  {drawing:16s} {count:3d}  {'' if recognised else 'not '}recognized by Google")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,18 @@ def test_canvas_check_pairs_each_unseen_drawing_with_its_bitmap(
     assert len(renderings) == 4 and all(0 <= canvas[name] <= 1 for name in renderings)
     text = format_report(report)
     assert "bitmaps recognized" in text and text.count("canvas check") == 5
+    # The drawings a canvas loses and its bitmap wins are named (as in the prepared dataset), with
+    # what each losing style answered: at least as many as the top-1 difference of each style.
+    misses = canvas["misses"]
+    for name in renderings:
+        listed = sum(name in miss["wrong"] for miss in misses)
+        assert listed >= round(canvas["drawings"] * (canvas["bitmap"] - canvas[name]))
+    for miss in misses:
+        label = miss["drawing"].rsplit("_", 1)[0]
+        bitmap = f"{label}/{miss['drawing']}.png"
+        assert any((small_dataset / "sketch" / part / bitmap).is_file() for part in ("val", "test"))
+        assert miss["wrong"] and all(said != label for said in miss["wrong"].values())
+    assert text.count("canvas miss:") == len(misses)
 
     engine = SketchEngine.load(photo_index)
     engine.embedder.config = engine.config.replace(refit=True)
