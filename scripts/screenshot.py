@@ -15,6 +15,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +38,7 @@ CANVAS = ".st-key-canvas canvas.upper-canvas"
 FILE_INPUT = '.st-key-upload input[type="file"]'
 RESULT_IMAGES = '.st-key-results [data-testid="stImage"]'
 RESULT_CAPTIONS = '.st-key-results [data-testid="stImageCaption"]'
+VIEW_IMAGE = '.st-key-answer [data-testid="stImage"]'  # the query as the network saw it
 HINT = "Draw a sketch on the canvas or upload a sketch image"
 PREDICTED = re.compile(r"Predicted class:\s*(\S+)")
 
@@ -202,7 +204,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshot.png")
     parser.add_argument("--label", default="cat", help="QuickDraw class whose strokes are drawn.")
     parser.add_argument("--drawing", type=int, default=0, help="Which drawing of the class (line number).")
-    parser.add_argument("--log", type=Path, default=Path("streamlit-screenshot.log"))
+    parser.add_argument(
+        "--log",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "streamlit-screenshot.log",
+        help="Where the Streamlit server's output goes (read it when the page does not come up).",
+    )
     args = parser.parse_args(argv)
 
     strokes = read_stroke_records(SHARED_DATA / "quickdraw-strokes", args.label)[args.drawing]["drawing"]

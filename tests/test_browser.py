@@ -74,6 +74,9 @@ def check_results(page, label: str, captions: list[str], k: int, classes) -> Non
     scores = [float(m.group("score")) for m in parsed]
     assert scores == sorted(scores, reverse=True)
     assert page.get_by_text(re.compile(r"^Query time: \d+ ms$")).count() == 1
+    # The query as the network saw it: the normaliser's 28 px sketch, shown four times enlarged.
+    view = page.locator(ui.VIEW_IMAGE)
+    assert view.count() == 1 and view.locator("img").evaluate("img => img.naturalWidth") == 28 * 4
     assert page.locator('[data-testid="stException"]').count() == 0
     assert page.locator('[data-testid="stAlertContentError"]').count() == 0
 

@@ -23,6 +23,7 @@ APP = REPO / "ui" / "app.py"
 TIMEOUT = 180  # the first run imports TensorFlow and loads the model
 CAPTION = re.compile(r"^(?P<label>\S+) · (?P<score>-?\d+\.\d{3})$")
 PREDICTED = re.compile(r"^Predicted class: \*\*(?P<label>\S+)\*\*$")
+VIEW_CAPTION = "What the model sees"  # the query after the sketch normaliser, beside the class
 
 
 def load_app_module():
@@ -59,7 +60,11 @@ def predicted_label(at: AppTest) -> str:
 
 
 def result_captions(at: AppTest) -> list[str]:
-    return [caption for image in at.image for caption in image.captions]
+    return [caption for image in at.image for caption in image.captions if caption != VIEW_CAPTION]
+
+
+def view_captions(at: AppTest) -> list[str]:
+    return [caption for image in at.image for caption in image.captions if caption == VIEW_CAPTION]
 
 
 def assert_no_results(at: AppTest) -> None:
@@ -144,7 +149,7 @@ def test_uploaded_sketch_shows_class_chart_time_and_k_images(
     assert len(at.get("vega_lite_chart")) == 1  # the top-5 probabilities
 
     captions = result_captions(at)
-    assert len(at.image) == len(captions) == 10
+    assert len(captions) == 10 and view_captions(at) == [VIEW_CAPTION] and len(at.image) == 11
     parsed = [CAPTION.match(caption) for caption in captions]
     assert all(parsed), captions
     assert {m.group("label") for m in parsed} <= set(small_config.classes)

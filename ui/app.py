@@ -8,7 +8,8 @@ The page predicts whenever its input changes (a stroke on the canvas, an upload,
 filter): Streamlit reruns the script on every change, and a query takes well under a second once
 the model is loaded. Stable markers for tests and scripts: the text "Predicted class: **<label>**",
 result images inside the container with the CSS class ``st-key-results`` captioned "<label> · <score>",
-and the canvas (``st-key-canvas``) and upload box (``st-key-upload``).
+the query as the network sees it (captioned ``VIEW_CAPTION``) beside the class, and the canvas
+(``st-key-canvas``) and upload box (``st-key-upload``).
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import streamlit as st
+from PIL import Image
 
 if importlib.util.find_spec("sbir_engine") is None:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sbir_engine.config import IMAGE_EXTENSIONS, EngineConfig  # noqa: E402
 from sbir_engine.engine import ModelMismatchError, Neighbour, QueryResult, SketchEngine  # noqa: E402
-from sbir_engine.images import EmptySketchError, ImageError  # noqa: E402
+from sbir_engine.images import EmptySketchError, ImageError, normalize_sketch  # noqa: E402
 from sbir_engine.index import IndexFormatError  # noqa: E402
 
 try:  # the page still takes uploads where the canvas component cannot load
@@ -42,6 +44,8 @@ INDEX_ENV = "SBIR_ENGINE_INDEX"
 CANVAS_SIZE = 400
 GRID_COLUMNS = 5
 TOP_CLASSES = 5
+VIEW_CAPTION = "What the model sees"
+VIEW_ZOOM = 4  # the 28 px sketch shown at 112 px, its pixels kept square
 HINT = "Draw a sketch on the canvas or upload a sketch image to see its class and the nearest gallery images."
 
 
@@ -152,10 +156,25 @@ def top_classes(probabilities: dict[str, float], n: int = TOP_CLASSES) -> list[t
     return sorted(probabilities.items(), key=lambda item: -item[1])[:n]
 
 
-def render_result(result: QueryResult, resolve: Callable[[Neighbour], Path], k: int) -> None:
-    """The predicted class, the top-5 probabilities, the query time and the grid of nearest images."""
-    with st.container(key="results"):
-        info_col, chart_col = st.columns([1, 2], gap="large")
+def model_view(engine: SketchEngine, source: object) -> Image.Image:
+    """The query after the sketch normaliser (cropped, re-stroked, 28 px): what the network is given,
+    so that a drawing it misreads can be seen as it saw it."""
+    sketch = normalize_sketch(source, engine.config.sketch_raster, **engine.embedder.limits)
+    return sketch.resize((sketch.width * VIEW_ZOOM, sketch.height * VIEW_ZOOM), Image.Resampling.NEAREST)
+
+
+def render_result(
+    result: QueryResult, resolve: Callable[[Neighbour], Path], k: int, view: Image.Image | None = None
+) -> None:
+    """The query as the network saw it (``view``), the predicted class, the top-5 probabilities, the
+    query time and the grid of nearest images."""
+    with st.container(key="answer"):
+        if view is not None:
+            view_col, info_col, chart_col = st.columns([1, 2, 4], gap="large")
+            with view_col:
+                st.image(view, caption=VIEW_CAPTION, width=view.width)
+        else:
+            info_col, chart_col = st.columns([1, 2], gap="large")
         with info_col:
             st.markdown(f"Predicted class: **{result.label}**")
             st.markdown(f"Probability: **{result.probabilities.get(result.label, 0.0):.1%}**")
@@ -168,6 +187,7 @@ def render_result(result: QueryResult, resolve: Callable[[Neighbour], Path], k: 
                 {"class": [name for name, _ in top], "probability": [p for _, p in top]},
                 x="class", y="probability", horizontal=True, sort="-probability", height=200,
             )  # fmt: skip
+    with st.container(key="results"):
         st.subheader("Nearest gallery images")
         neighbours = result.neighbours
         if not neighbours:
@@ -201,7 +221,7 @@ def run_query(engine: SketchEngine, source: object, name: str, k: int, same_clas
     except Exception as err:
         st.error(f"Query failed: {type(err).__name__}: {one_line(err)}")
     else:
-        render_result(result, engine.resolve, k)
+        render_result(result, engine.resolve, k, model_view(engine, source))
 
 
 def main() -> None:
