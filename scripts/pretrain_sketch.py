@@ -188,6 +188,17 @@ def augment_pool(images: np.ndarray, sketches: np.ndarray, config, workers: int)
     return multiprocessing.get_context("fork").Pool(workers)
 
 
+def stop_pool(pool, data=None, timeout: float = 300.0) -> None:
+    """Stop the augmentation processes, once the batches that ``data`` (from ``batches``) asked for
+    ahead are done. ``Pool.terminate`` deadlocks when a worker is still writing a batch, larger than
+    the pipe, after the pool has stopped reading results: the parent then waits for the result
+    queue's lock that the writer holds (seen in CI, with the batches each epoch's end asks for)."""
+    deadline = time.monotonic() + timeout
+    for result in list(getattr(data, "pending", {}).values()):
+        result.wait(max(0.0, deadline - time.monotonic()))
+    pool.terminate()
+
+
 def batches(
     images: np.ndarray,
     labels: np.ndarray,
@@ -377,22 +388,23 @@ def train(
 
     n = len(categories)
     history = {}
+    training = batches(images, labels, n, batch, True, pool, seed)
     try:
         history = model.fit(
-            batches(images, labels, n, batch, True, pool, seed),
+            training,
             validation_data=batches(val_images, val_labels, n, 256, shuffle=False),
             shuffle=False,  # the batches shuffle themselves and are prepared in order
             epochs=1000,
             verbose=2,
             callbacks=[Budget()],
         ).history
-    finally:  # whatever stopped training, keep what it learnt
-        if pool is not None:
-            pool.terminate()
+    finally:  # whatever stopped training, keep what it learnt, then stop the workers
         save_parts(layer_weights(backbone), out)
         if tail.count:
             (out / "averaged").mkdir(exist_ok=True)
             save_parts(tail.mean(), out / "averaged")
+        if pool is not None:
+            stop_pool(pool, training)
 
     # Inference throughput of the adapted backbone (the embedding part of the benchmark).
     probe = images[:4096].astype(np.float32)

@@ -171,9 +171,9 @@ images = np.load(sys.argv[2])
 labels = np.arange(len(images)) % 3
 sketches = np.arange(len(images)) < 5  # the last three as photos: no stroke-width jitter
 pool = script.augment_pool(images, sketches, EngineConfig(), 2)
+forked = script.batches(images, labels, 3, 4, True, pool, 7)
 try:
     with ThreadPool(2) as threads:
-        forked = script.batches(images, labels, 3, 4, True, pool, 7)
         threaded = script.batches(images, labels, 3, 4, True, threads, 7)
         for _epoch in range(2):
             for i in range(len(forked)):
@@ -181,7 +181,9 @@ try:
             forked.on_epoch_end()
             threaded.on_epoch_end()
 finally:
-    pool.terminate()
+    script.stop_pool(pool, forked)  # the next epoch's batches are being written back now
+# Stopped only once no worker was left writing a batch (Pool.terminate's deadlock, see stop_pool).
+assert forked.pending and all(result.ready() for result in forked.pending.values())
 print("same batches")
 """
 
