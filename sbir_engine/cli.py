@@ -112,12 +112,17 @@ def query(
     same_class: Annotated[bool, typer.Option(help="Only images of the predicted class.")] = False,
     label: Annotated[list[str], typer.Option(help="Only images with this label (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    save_input: Annotated[
+        Path,
+        typer.Option(help="Also write the sketch as the model is given it: the sketch normaliser's PNG."),
+    ] = None,
     backend: Backend = "faiss",
     uri: MilvusUri = "",
     collection: Collection = DEFAULT_COLLECTION,
 ) -> None:
     """Classify a sketch and list its nearest gallery images."""
     from .engine import SketchEngine
+    from .images import normalize_sketch
 
     try:
         if _target(backend, index, uri, collection) is None:
@@ -129,6 +134,12 @@ def query(
         result = engine.query(sketch, k=k, same_class=same_class, labels=label or None)
     except _index_errors() as err:
         fail(str(err))
+    if save_input is not None:
+        try:
+            given = normalize_sketch(sketch, engine.config.sketch_raster, **engine.embedder.limits)
+            given.save(save_input, "PNG")
+        except OSError as err:
+            fail(f"{save_input}: cannot write the model's input ({err.strerror or err})")
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
         return

@@ -5,12 +5,13 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from sbir_engine.build import build_index, file_sha256
 from sbir_engine.cli import app
 from sbir_engine.engine import ModelMismatchError, SketchEngine
-from sbir_engine.images import render_strokes
+from sbir_engine.images import normalize_sketch, render_strokes
 from sbir_engine.index import GalleryIndex, IndexFormatError, current_version
 
 
@@ -109,9 +110,16 @@ def test_cli_query_json_and_index_info(small_index, umbrella_canvases, tmp_path)
     sketch = tmp_path / "umbrella.png"
     umbrella_canvases[1].save(sketch)
     runner = CliRunner()
-    result = runner.invoke(app, ["query", str(sketch), "--index", str(small_index), "-k", "3", "--json"])
+    given = tmp_path / "given.png"
+    query = ["query", str(sketch), "--index", str(small_index)]
+    result = runner.invoke(app, [*query, "-k", "3", "--json", "--save-input", str(given)])
     assert result.exit_code == 0, result.output
     answer = json.loads(result.stdout.strip().splitlines()[-1])
+    # The 400 px canvas as the model is given it: cropped and rastered at 28 px, the ink kept.
+    with Image.open(given) as image:
+        assert image.size == (28, 28) and image.mode == "L"
+        assert np.array_equal(np.asarray(image), np.asarray(normalize_sketch(sketch)))
+        assert (np.asarray(image) < 128).mean() > 0.05
     assert set(answer) == {"label", "probabilities", "neighbours"}
     assert len(answer["neighbours"]) == 3
     assert set(answer["neighbours"][0]) == {"id", "path", "label", "score"}
@@ -119,3 +127,6 @@ def test_cli_query_json_and_index_info(small_index, umbrella_canvases, tmp_path)
     assert info.exit_code == 0 and "Flat" in info.stdout
     bad = runner.invoke(app, ["query", str(tmp_path / "missing.png"), "--index", str(small_index)])
     assert bad.exit_code == 1 and "missing.png" in bad.output
+    nowhere = tmp_path / "no-such-folder" / "given.png"
+    bad = runner.invoke(app, [*query, "--save-input", str(nowhere)])
+    assert bad.exit_code == 1 and "no-such-folder" in bad.output and "cannot write" in bad.output
