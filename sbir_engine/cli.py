@@ -122,7 +122,6 @@ def query(
 ) -> None:
     """Classify a sketch and list its nearest gallery images."""
     from .engine import SketchEngine
-    from .images import normalize_sketch
 
     try:
         if _target(backend, index, uri, collection) is None:
@@ -136,8 +135,7 @@ def query(
         fail(str(err))
     if save_input is not None:
         try:
-            given = normalize_sketch(sketch, engine.config.sketch_raster, **engine.embedder.limits)
-            given.save(save_input, "PNG")
+            engine.embedder.normalize_sketch(sketch).save(save_input, "PNG")
         except OSError as err:
             fail(f"{save_input}: cannot write the model's input ({err.strerror or err})")
     if as_json:

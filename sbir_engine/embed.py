@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -23,7 +24,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from .images import ImageError, ImageSource, load_rgb, load_sketch
+from .images import ImageError, ImageSource, load_rgb, load_sketch, normalize_sketch
 from .model import SketchModel, l2_normalize
 
 Loader = Callable[[Path], np.ndarray]
@@ -118,6 +119,10 @@ class Embedder:
 
     def load_sketch(self, source: ImageSource) -> np.ndarray:
         return load_sketch(source, self.config.image_size, self.config.sketch_raster, **self.limits)
+
+    def normalize_sketch(self, source: ImageSource) -> Image.Image:
+        """The sketch as the network is given it before resizing: the normaliser's raster image."""
+        return normalize_sketch(source, self.config.sketch_raster, **self.limits)
 
     @property
     def limits(self) -> dict[str, int]:

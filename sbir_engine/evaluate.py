@@ -166,7 +166,7 @@ def evaluate_canvas(
     is classified right and at least one canvas style wrong, with what each such style answered.
     """
     from .data import read_quickdraw_bitmaps, read_stroke_records, split_indices
-    from .images import CANVAS_STYLES, render_strokes
+    from .images import CANVAS_STYLES, canvas_style_name, render_strokes
 
     config = embedder.config
     classes = config.classes
@@ -186,7 +186,7 @@ def evaluate_canvas(
                 continue
             inputs["bitmap"].append(bitmaps[i])
             for size, width, rgba in CANVAS_STYLES:
-                name = f"canvas {size}px pen {width}{' RGBA' if rgba else ''}"
+                name = canvas_style_name(size, width, rgba)
                 inputs.setdefault(name, []).append(render_strokes(record["drawing"], size, width, rgba))
             labels.append(classes.index(label))
             recognised.append(bool(record.get("recognized", True)))

@@ -255,6 +255,11 @@ def load_sketch(source: ImageSource, size: int, raster: int = 28, **limits: int)
 CANVAS_STYLES = ((400, 6, True), (256, 3, False), (800, 12, False), (200, 8, True))
 
 
+def canvas_style_name(size: int, width: int, rgba: bool) -> str:
+    """How reports name a canvas style, e.g. "canvas 400px pen 6 RGBA"."""
+    return f"canvas {size}px pen {width}{' RGBA' if rgba else ''}"
+
+
 def render_strokes(
     strokes: list, size: int = 400, stroke_width: int = 6, rgba: bool = False, fill: float = 0.8
 ) -> Image.Image:

@@ -28,7 +28,7 @@ import numpy as np
 from sbir_engine import images
 from sbir_engine.config import EngineConfig
 from sbir_engine.data import read_quickdraw_bitmaps, read_stroke_records, split_indices
-from sbir_engine.images import CANVAS_STYLES, normalize_sketch, render_strokes
+from sbir_engine.images import CANVAS_STYLES, canvas_style_name, normalize_sketch, render_strokes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -114,19 +114,14 @@ def main() -> None:
     print(f"{len(drawings)} training drawings with strokes (split seed {args.split_seed})")
     print(f"{'canvas ink / bitmap ink, median':32s}" + "".join(f"{v:>10s}" for v in versions))
     for style in styles:
-        print(f"{style_name(style):32s}" + "".join(f"{medians[v, style]:10.2f}" for v in versions))
+        print(f"{canvas_style_name(*style):32s}" + "".join(f"{medians[v, style]:10.2f}" for v in versions))
     overall = [np.median([medians[v, style] for style in styles]) for v in versions]
     print(f"{'median over the styles':32s}" + "".join(f"{value:10.3f}" for value in overall))
     # Equal ink can be spread thin or kept dark: how many grey pixels carry it, and how many are near-black.
     print(f"\n{'grey levels: near-black share, grey px':32s}" + "".join(f"{v:>16s}" for v in versions))
     print(f"{'the bitmaps':32s}" + grey_levels(bitmaps) * len(versions))
     for style in styles:
-        print(f"{style_name(style):32s}" + "".join(grey_levels(canvases[v, style]) for v in versions))
-
-
-def style_name(style: tuple[int, int, bool]) -> str:
-    size, width, rgba = style
-    return f"canvas {size}px pen {width}{' RGBA' if rgba else ''}"
+        print(f"{canvas_style_name(*style):32s}" + "".join(grey_levels(canvases[v, style]) for v in versions))
 
 
 def grey_levels(images: list) -> str:

@@ -31,7 +31,7 @@ if importlib.util.find_spec("sbir_engine") is None:  # run from a checkout witho
 
 from sbir_engine.config import IMAGE_EXTENSIONS, EngineConfig  # noqa: E402
 from sbir_engine.engine import ModelMismatchError, Neighbour, QueryResult, SketchEngine  # noqa: E402
-from sbir_engine.images import EmptySketchError, ImageError, normalize_sketch  # noqa: E402
+from sbir_engine.images import EmptySketchError, ImageError  # noqa: E402
 from sbir_engine.index import IndexFormatError  # noqa: E402
 
 try:  # the page still takes uploads where the canvas component cannot load
@@ -159,7 +159,7 @@ def top_classes(probabilities: dict[str, float], n: int = TOP_CLASSES) -> list[t
 def model_view(engine: SketchEngine, source: object) -> Image.Image:
     """The query after the sketch normaliser (cropped, re-stroked, 28 px): what the network is given,
     so that a drawing it misreads can be seen as it saw it."""
-    sketch = normalize_sketch(source, engine.config.sketch_raster, **engine.embedder.limits)
+    sketch = engine.embedder.normalize_sketch(source)
     return sketch.resize((sketch.width * VIEW_ZOOM, sketch.height * VIEW_ZOOM), Image.Resampling.NEAREST)
 
 
