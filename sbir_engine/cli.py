@@ -251,6 +251,9 @@ def train(
     label_smoothing: Annotated[
         float, typer.Option(help="Soften the cross-entropy's one-hot targets by this much (0 = off).")
     ] = DEFAULTS.label_smoothing,
+    head_dropout: Annotated[
+        float, typer.Option(help="Drop this share of the backbone features while the head trains (0 = off).")
+    ] = DEFAULTS.head_dropout,
     weight_averaging: Annotated[
         float,
         typer.Option(help="Average the weights over training steps: EMA momentum, e.g. 0.99 (0 = off)."),
@@ -297,6 +300,7 @@ def train(
             test_time_mirror=mirror,
             stroke_jitter=stroke_jitter,
             label_smoothing=label_smoothing,
+            head_dropout=head_dropout,
             weight_averaging=weight_averaging,
             sketch_views=DEFAULTS.sketch_views if sketch_views is None else sketch_views,
             augment=augment,

@@ -85,6 +85,9 @@ class EngineConfig:
     pretrain_cut: str = ""
     # Cross-entropy against targets softened by this much (0 = the original one-hot targets).
     label_smoothing: float = 0.0
+    # Dropout on the backbone features while the head trains (0 = off, the original head). It has
+    # no weights and is the identity when serving, so the saved head and the embedding keep their shape.
+    head_dropout: float = 0.0
     # The trained weights averaged over training steps (Polyak averaging: an exponential moving
     # average with this momentum; 0 = off). Validation and early stopping then see the averaged
     # weights, and the best epoch's average is what the run keeps.
@@ -138,6 +141,8 @@ class EngineConfig:
                 f"pretrain_average_last must be 0 to pretrain_epochs ({self.pretrain_epochs}), "
                 f"got {self.pretrain_average_last}"
             )
+        if not 0 <= self.head_dropout < 1:
+            raise ValueError(f"head_dropout is a share of the features, 0 to < 1 (got {self.head_dropout})")
 
     @property
     def mirror(self) -> bool:

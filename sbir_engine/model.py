@@ -24,6 +24,7 @@ CONFIG_FILE = "config.json"
 FINGERPRINT_FILE = "fingerprint.json"
 EMBEDDING_LAYER = "embedding"
 PROBABILITIES_LAYER = "probabilities"
+DROPOUT_LAYER = "feature_dropout"  # present only when config.head_dropout > 0
 
 
 @dataclass
@@ -69,17 +70,22 @@ class SketchModel:
 def build_model(config: EngineConfig, weights: str | Path | None = "imagenet") -> SketchModel:
     backbone = build_backbone(config.backbone, config.input_shape, weights)
     backbone.trainable = False
-    flatten = keras.layers.Flatten(name="flatten")
-    embedding = keras.layers.Dense(config.embedding_dim, activation="relu", name=EMBEDDING_LAYER)
-    probabilities = keras.layers.Dense(len(config.classes), activation="softmax", name=PROBABILITIES_LAYER)
+    layers = [keras.layers.Flatten(name="flatten")]
+    if config.head_dropout:
+        layers.append(keras.layers.Dropout(config.head_dropout, seed=config.seed, name=DROPOUT_LAYER))
+    layers.append(keras.layers.Dense(config.embedding_dim, activation="relu", name=EMBEDDING_LAYER))
+    layers.append(keras.layers.Dense(len(config.classes), activation="softmax", name=PROBABILITIES_LAYER))
+
+    def head_layers(x):
+        for layer in layers:
+            x = layer(x)
+        return x
 
     image = keras.Input(config.input_shape, name="image")
     # training=False keeps batch-norm statistics fixed, also when the top of the backbone is fine-tuned.
-    outputs = probabilities(embedding(flatten(backbone(image, training=False))))
-    classifier = keras.Model(image, outputs, name="sketch_classifier")
-
+    classifier = keras.Model(image, head_layers(backbone(image, training=False)), name="sketch_classifier")
     features = keras.Input((FEATURE_DIMS[config.backbone],), name="features")
-    head = keras.Model(features, probabilities(embedding(flatten(features))), name="head")
+    head = keras.Model(features, head_layers(features), name="head")
     return SketchModel(config, classifier, backbone, head)
 
 
@@ -100,7 +106,10 @@ def load_model(run_dir: Path) -> SketchModel:
 def apply_head(source: keras.Model, features):
     """The head's layers, taken from ``source`` (the classifier or the head), on backbone features:
     (embedding before normalisation, probabilities)."""
-    embedding = source.get_layer(EMBEDDING_LAYER)(source.get_layer("flatten")(features))
+    features = source.get_layer("flatten")(features)
+    if any(layer.name == DROPOUT_LAYER for layer in source.layers):
+        features = source.get_layer(DROPOUT_LAYER)(features)  # active only in training
+    embedding = source.get_layer(EMBEDDING_LAYER)(features)
     return embedding, source.get_layer(PROBABILITIES_LAYER)(embedding)
 
 

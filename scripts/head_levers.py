@@ -1,11 +1,14 @@
 """Head levers on cached features (issue #5): what the 13-way head still gains from data or weights.
 
 For each training seed, heads train as `sbir-engine train --no-augment` trains them (`fit_head` on
-the features the engine serves), under these variants:
+the features the engine serves; with ``--augment`` on augmented views, as `train` does), under
+these variants:
 - ``sketches F``: a class-stratified share F of the training sketches, all the photos: the
   learning curve, which tells what training on more drawings (train + validation) could add;
 - ``class-balanced photos``: each class's training photos weighted to one total within the photo
-  domain (the capped photo classes hold 39 to 300 images, so the head's prior leans to the big ones).
+  domain (the capped photo classes hold 39 to 300 images, so the head's prior leans to the big ones);
+- ``dropout R`` (with ``--dropouts``): all the rows, the backbone features dropped at rate R while the
+  head trains (``train --head-dropout R``).
 Each variant reports validation and test sketch top-1 / top-3, as trained and with the head's
 training class prior divided out of its probabilities (``prior-corrected``: logit adjustment,
 Menon et al. 2021). Medians over the seeds at the end.
@@ -64,12 +67,19 @@ def main() -> None:
     parser.add_argument("--backbone-weights", required=True, help="as for `sbir-engine train`")
     parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
     parser.add_argument("--shares", default="0.6,0.8,1.0", help="shares of the training sketches")
+    parser.add_argument("--dropouts", default="", help="head dropout rates to try, comma-separated")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="as for `sbir-engine train`")
+    parser.add_argument(
+        "--augment", action="store_true", help="heads on augmented views (`train` without --no-augment)"
+    )
     args = parser.parse_args()
 
     classes = tuple(json.loads((args.data / "dataset.json").read_text())["classes"])
     results: dict[str, list[tuple[float, ...]]] = defaultdict(list)
     for seed in (int(s) for s in args.seeds.split(",")):
-        config = EngineConfig(classes=classes, seed=seed, augment=False)
+        config = EngineConfig(
+            classes=classes, seed=seed, augment=args.augment, label_smoothing=args.label_smoothing
+        )
         model = build_model(config, args.backbone_weights)
         _, (x, y, domains), (x_val, y_val, d_val) = head_rows(model, args.data)
         domains, d_val = np.array(domains), np.array(d_val)
@@ -81,10 +91,13 @@ def main() -> None:
             f"sketches {share:.2f}": (stratified_share(y, domains == "sketch", share, seed), None)
             for share in (float(s) for s in args.shares.split(","))
         }
-        variants["class-balanced photos"] = (np.ones(len(y), bool), class_balanced_photo_weights(y, domains))
+        everything = np.ones(len(y), bool)
+        variants["class-balanced photos"] = (everything, class_balanced_photo_weights(y, domains))
+        rates = {f"dropout {float(r):.2f}": float(r) for r in args.dropouts.split(",") if r}
+        variants.update({name: (everything, None) for name in rates})
         for name, (keep, weights) in variants.items():
             keras.utils.set_random_seed(seed)
-            model = build_model(config, args.backbone_weights)
+            model = build_model(config.replace(head_dropout=rates.get(name, 0.0)), args.backbone_weights)
             train_rows = (x[keep], y[keep], list(domains[keep]))
             weights = domain_balanced_weights(train_rows[2]) if weights is None else weights[keep]
             history = fit_head(model, train_rows, (x_val, y_val, list(d_val)), None, weights, 0)

@@ -20,6 +20,7 @@ from sbir_engine.train import (
     RandomStrokeWidth,
     canvas_samples,
     compiled_trainer,
+    contrastive_trainer,
     early_stopping,
     served_rows,
     train,
@@ -251,3 +252,21 @@ def test_weight_averaging_keeps_the_averaged_weights_that_validation_judged():
     # The averaged run judged (and kept) other weights than the raw ones, at every epoch.
     for raw, averaged in zip(judged[0.0], judged[0.9], strict=True):
         assert max(float(np.abs(a - b).max()) for a, b in zip(raw, averaged, strict=True)) > 1e-3
+
+
+def test_head_dropout_drops_features_while_training_and_serves_the_same_head(tmp_path):
+    plain = build_model(EngineConfig(), weights=None)
+    model = build_model(EngineConfig(head_dropout=0.5), weights=None)
+    assert model.classifier.count_params() == plain.classifier.count_params()  # no weights of its own
+    features = np.random.default_rng(0).random((4, 1280), dtype=np.float32)
+    served = np.asarray(model.head.predict(features, verbose=0))
+    trainer = contrastive_trainer(model)
+    trained = [np.asarray(trainer(features, training=True)["probabilities"]) for _ in range(2)]
+    assert np.abs(trained[0] - trained[1]).max() > 1e-4 and np.abs(trained[0] - served).max() > 1e-4
+    np.testing.assert_allclose(trainer(features, training=False)["probabilities"], served, atol=1e-6)
+    model.save(tmp_path)
+    loaded = load_model(tmp_path)
+    assert loaded.config.head_dropout == 0.5
+    np.testing.assert_allclose(loaded.head.predict(features, verbose=0), served, atol=1e-6)
+    with pytest.raises(ValueError, match="head_dropout is a share of the features"):
+        EngineConfig(head_dropout=1.0)
