@@ -3,7 +3,9 @@
 Every quality figure in the README comes from here. Retrieval ranks the *whole* gallery for each
 query (exact cosine, whatever the index type) and reports mAP@all (non-interpolated AP, see
 :func:`sbir_engine.metrics.average_precision`), P@10 and P@100, overall and per query class, and
-lists the sketches whose class is not in the top 3 (with ``out``, as a contact sheet too).
+lists the sketches whose class is not in the top 3 (with ``out``, as a contact sheet too). Each
+headline figure comes with a 95 % interval (``*_ci95``): Wilson's for top-1 / top-3, a bootstrap
+over the queries for mAP@all and P@10, so that two models' figures can be told apart from noise.
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ import numpy as np
 from .build import scan_gallery
 from .embed import Embedder, read_batches
 from .engine import SketchEngine, fused_scores
-from .metrics import confusion_matrix, hub_share, plot_confusion, retrieval_metrics, top_k_accuracy
+from .metrics import (
+    bootstrap_interval,
+    confusion_matrix,
+    hub_share,
+    plot_confusion,
+    retrieval_metrics,
+    top_k_accuracy,
+    true_class_ranks,
+    wilson_interval,
+)
 
 
 def evaluate(
@@ -48,20 +59,46 @@ def evaluate(
     label_ids = np.array([classes.index(label) if label in classes else -1 for label in labels])
 
     report: dict = {"queries": len(labels), "skipped": [f"{p}: {r}" for p, r in skipped]}
-    report["classification"] = {
-        "top1": top_k_accuracy(probabilities[known], label_ids[known], 1),
-        "top3": top_k_accuracy(probabilities[known], label_ids[known], 3),
-    }
+    report["classification"] = {}
+    counted = int(known.sum())
+    for k in (1, 3):
+        accuracy = top_k_accuracy(probabilities[known], label_ids[known], k)
+        report["classification"][f"top{k}"] = accuracy
+        hits = round(accuracy * counted) if counted else 0
+        report["classification"][f"top{k}_ci95"] = list(wilson_interval(hits, counted))
     report["top3_misses"] = top3_misses(probabilities, label_ids, paths, classes)
     gallery = engine.index
     gallery_labels = [gallery.entries[int(i)].label for i in gallery.ids]
     cosine = vectors @ gallery.vectors.T
     weight = engine.config.rerank_weight if rerank_weight is None else rerank_weight
     fused = fused_scores(cosine.T, probabilities.T, gallery.probabilities, weight).T
+    per_query: dict[str, dict] = {}
     for name, scores in (("retrieval", fused), ("embedding_retrieval", cosine)):
         report[name] = retrieval_metrics(scores, labels, gallery_labels)
-        report[name].pop("ap")
+        per_query[name] = report[name].pop("per_query")
+        for metric, values in (("mAP@all", per_query[name]["AP"]), ("P@10", per_query[name]["P@10"])):
+            report[name][f"{metric}_ci95"] = list(bootstrap_interval(values))
     report["retrieval"]["rerank_weight"] = weight
+    # Per query, so that two models scored on the same queries can be compared pair by pair
+    # (scripts/compare_evaluations.py): the true class's rank among the classes, and its APs.
+    ranks = true_class_ranks(probabilities, label_ids)
+    report["per_query"] = [
+        {
+            "path": str(path),
+            "label": label,
+            "rank": int(rank) if rank else None,
+            "AP": ap,
+            "AP 512-d": ap_512,
+        }
+        for path, label, rank, ap, ap_512 in zip(
+            paths,
+            labels,
+            ranks,
+            per_query["retrieval"]["AP"],
+            per_query["embedding_retrieval"]["AP"],
+            strict=True,
+        )
+    ]
     scores = cosine  # hubs are a property of the 512-d space itself
     report["hubs"] = {
         q: {"class": c, "share_of_top10": s}
@@ -115,12 +152,18 @@ def contact_sheet(misses: list[dict], path: Path, cell: int = 120) -> None:
 
 def format_report(report: dict) -> str:
     c, r, e = report["classification"], report["retrieval"], report["embedding_retrieval"]
+
+    def figure(numbers: dict, name: str, label: str) -> str:
+        low, high = numbers.get(f"{name}_ci95", (float("nan"),) * 2)
+        return f"{label} {numbers[name]:.3f} [{low:.3f}, {high:.3f}]"
+
     lines = [
-        f"queries {report['queries']}, gallery {r['gallery']}",
-        f"sketch classification  top-1 {c['top1']:.3f}  top-3 {c['top3']:.3f}",
-        f"retrieval (engine)     mAP@all {r['mAP@all']:.3f}  P@10 {r['P@10']:.3f}  P@100 {r['P@100']:.3f}"
-        f"  (class re-ranking weight {r['rerank_weight']})",
-        f"retrieval (512-d only) mAP@all {e['mAP@all']:.3f}  P@10 {e['P@10']:.3f}  P@100 {e['P@100']:.3f}",
+        f"queries {report['queries']}, gallery {r['gallery']} (95 % intervals in brackets)",
+        f"sketch classification  {figure(c, 'top1', 'top-1')}  {figure(c, 'top3', 'top-3')}",
+        f"retrieval (engine)     {figure(r, 'mAP@all', 'mAP@all')}  {figure(r, 'P@10', 'P@10')}"
+        f"  P@100 {r['P@100']:.3f}  (class re-ranking weight {r['rerank_weight']})",
+        f"retrieval (512-d only) {figure(e, 'mAP@all', 'mAP@all')}  {figure(e, 'P@10', 'P@10')}"
+        f"  P@100 {e['P@100']:.3f}",
         "per class (engine)     mAP@all  P@10   worst other class in the 512-d top-10",
     ]
     for label, numbers in r["per_class"].items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +14,53 @@ def top_k_accuracy(probabilities: np.ndarray, labels: np.ndarray, k: int) -> flo
         return float("nan")
     top = np.argsort(-probabilities, axis=1)[:, :k]
     return float(np.mean(np.any(top == np.asarray(labels)[:, None], axis=1)))
+
+
+def true_class_ranks(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each row's rank of its true class (1 = the most probable; rank <= k is a top-k hit),
+    0 where the label is negative (a class the model does not know)."""
+    labels = np.asarray(labels)
+    own = probabilities[np.arange(len(labels)), np.maximum(labels, 0)]
+    ranks = 1 + np.sum(probabilities > own[:, None], axis=1)
+    return np.where(labels >= 0, ranks, 0)
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95 % at z = 1.96): unlike the normal
+    approximation it stays inside [0, 1] and is honest near 0 and 1, where accuracies live."""
+    if total == 0:
+        return (float("nan"), float("nan"))
+    p, z2 = successes / total, z * z
+    centre = (p + z2 / (2 * total)) / (1 + z2 / total)
+    half = z * np.sqrt(p * (1 - p) / total + z2 / (4 * total * total)) / (1 + z2 / total)
+    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
+
+
+def bootstrap_interval(
+    values: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """A percentile bootstrap interval of the mean of per-query values (mAP, P@k): queries are the
+    sample, so the interval says how much another draw of as many queries could move the figure."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    # In chunks of resamples, so that a large query set does not need resamples × queries at once.
+    chunks = [min(200, resamples - start) for start in range(0, resamples, 200)]
+    draws = (rng.integers(0, len(values), (chunk, len(values))) for chunk in chunks)
+    means = np.concatenate([values[rows].mean(axis=1) for rows in draws])
+    tail = (1 - level) / 2
+    return (float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail)))
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value of two classifiers on the same queries, from the queries
+    only one of them gets right: how often a fair coin splits them at least this unevenly."""
+    n, low = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(low + 1)) / 2**n
+    return float(min(1.0, 2 * tail))
 
 
 def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -41,7 +89,8 @@ def retrieval_metrics(
 ) -> dict:
     """mAP@all and P@k of each query's full ranking of the gallery (higher score = nearer).
 
-    Returns overall numbers, per-class numbers (by query class) and the per-query APs.
+    Returns overall numbers, per-class numbers (by query class) and the per-query values
+    (``per_query``: AP and P@k of each query, in query order).
     """
     gallery = np.asarray(gallery_labels)
     queries = np.asarray(query_labels)
@@ -57,7 +106,7 @@ def retrieval_metrics(
         per_class[label] = {"mAP@all": float(ap[mask].mean())}
         per_class[label].update({f"P@{k}": float(p[mask].mean()) for k, p in precision.items()})
     result["per_class"] = per_class
-    result["ap"] = ap.tolist()
+    result["per_query"] = {"AP": ap.tolist(), **{f"P@{k}": p.tolist() for k, p in precision.items()}}
     return result
 
 

@@ -1,7 +1,9 @@
 """``evaluate``, where every quality figure of the README comes from, on the small real model and photos."""
 
+import importlib.util
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,6 +47,15 @@ def test_every_query_ranks_the_whole_gallery(evaluation, small_dataset, small_me
     assert report["embedding_retrieval"]["mAP@all"] > 1.5 * chance
     saved = json.loads((out / "evaluation.json").read_text(), parse_constant=pytest.fail)  # strict JSON
     assert saved["classification"] == report["classification"]
+    # Each headline figure sits inside its 95 % interval, which a few dozen queries leave wide.
+    for numbers, name in [
+        (report["classification"], "top1"), (report["classification"], "top3"),
+        (report["retrieval"], "mAP@all"), (report["retrieval"], "P@10"),
+        (report["embedding_retrieval"], "mAP@all"),
+    ]:  # fmt: skip
+        low, high = numbers[f"{name}_ci95"]
+        assert 0 <= low <= numbers[name] <= high <= 1 and high - low > 0.02, name
+        assert f"{numbers[name]:.3f} [{low:.3f}, {high:.3f}]" in format_report(report)
     assert (out / "confusion.png").stat().st_size > 0
 
 
@@ -130,3 +141,37 @@ def test_canvas_check_follows_the_dataset_split_not_the_training_seed(
     strokes, tarball = shared_data / "quickdraw-strokes", engine.config.quickdraw_tarball
     again = evaluate_canvas(engine.embedder, strokes, tarball)
     assert again == evaluation[0]["canvas"]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_two_evaluations_compare_query_by_query(evaluation, photo_index, small_dataset, tmp_path, capsys):
+    report, out = evaluation
+    ranks = [q["rank"] for q in report["per_query"]]
+    assert len(ranks) == report["queries"] and min(ranks) == 1
+    assert np.mean(np.array(ranks) <= 3) == pytest.approx(report["classification"]["top3"])
+    # The same model without the class re-ranking: the same classes, the engine's ranking becomes
+    # the 512-d one.
+    plain = evaluate(photo_index, small_dataset / "sketch" / "test", out=tmp_path, rerank_weight=0.0)
+    compare_evaluations = load_script("compare_evaluations")
+    pairs = compare_evaluations.paired_queries(out / "evaluation.json", tmp_path / "evaluation.json")
+    result = compare_evaluations.compare(*pairs)
+    assert result["queries"] == report["queries"]
+    assert result["top-1"][2:] == (0, 0, 1.0) and result["top-3"][2:] == (0, 0, 1.0)
+    assert plain["retrieval"]["mAP@all"] == pytest.approx(report["embedding_retrieval"]["mAP@all"])
+    gain = report["embedding_retrieval"]["mAP@all"] - report["retrieval"]["mAP@all"]
+    assert result["AP"][0] == pytest.approx(gain) and abs(gain) > 1e-4
+    assert result["AP 512-d"] == pytest.approx((0.0, 0.0, 0.0))
+    # Ranks worked out by hand: top-1 is lost on one query and won on two.
+    records = [{"rank": r, "AP": 0.5, "AP 512-d": 0.5} for r in (1, 1, 2, 5)]
+    other = [{"rank": r, "AP": 0.75, "AP 512-d": 0.5} for r in (1, 2, 1, 1)]
+    hand = compare_evaluations.compare(records, other)
+    assert hand["top-1"][2:] == (1, 2, 1.0) and hand["top-3"][2:] == (0, 1, 1.0)
+    assert hand["AP"] == pytest.approx((0.25, 0.25, 0.25))
+    compare_evaluations.print_comparison("hand", hand)
+    assert "only the baseline right   1, only the candidate   2  McNemar p = 1.000" in capsys.readouterr().out
