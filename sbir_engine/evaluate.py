@@ -22,6 +22,7 @@ from .metrics import (
     bootstrap_interval,
     confusion_matrix,
     hub_share,
+    mcnemar_exact,
     plot_confusion,
     retrieval_metrics,
     top_k_accuracy,
@@ -172,9 +173,14 @@ def format_report(report: dict) -> str:
             f"  {label:20s} {numbers['mAP@all']:.3f}   {numbers['P@10']:.3f}  "
             f"{hub.get('class', '-')} {hub.get('share_of_top10', 0):.0%}"
         )
+    paired = report.get("canvas", {}).get("paired", {})
     for name, value in report.get("canvas", {}).items():
         if isinstance(value, float):
-            lines.append(f"canvas check           {name:28s} top-1 {value:.3f}")
+            line = f"canvas check           {name:28s} top-1 {value:.3f}"
+            if name in paired:
+                lost, won, p = paired[name].values()
+                line += f"  (vs its bitmap: {lost} lost, {won} won, McNemar p = {p:.2f})"
+            lines.append(line)
     for group, numbers in report.get("canvas", {}).get("bitmap by Google's recognized flag", {}).items():
         if numbers["drawings"]:
             lines.append(
@@ -206,7 +212,9 @@ def evaluate_canvas(
     The lines also carry Google's ``recognized`` flag (whether Quick, Draw!'s own classifier knew the
     drawing), so the bitmaps' top-1/top-3 are reported for both groups: how much of the error is
     drawings that nobody's classifier recognises. ``misses`` lists the drawings whose bitmap
-    is classified right and at least one canvas style wrong, with what each such style answered.
+    is classified right and at least one canvas style wrong, with what each such style answered;
+    ``paired`` counts, per style, the drawings it alone loses and wins against the bitmaps, with
+    McNemar's exact p-value of that split.
     """
     from .data import read_quickdraw_bitmaps, read_stroke_records, split_indices
     from .images import CANVAS_STYLES, canvas_style_name, render_strokes
@@ -259,13 +267,20 @@ def evaluate_canvas(
     }
     predicted = {name: p.argmax(axis=1) for name, p in probabilities.items()}
     wrong = {name: predicted[name] != labels for name in predicted if name != "bitmap"}
+    # The gap is a paired difference on a few dozen drawings: how many each side alone gets right,
+    # and how often chance alone would split them so unevenly (McNemar's exact test).
+    bitmap_right = predicted["bitmap"] == labels
+    report["paired"] = {}
+    for name, style_wrong in wrong.items():
+        lost, won = int(np.sum(bitmap_right & style_wrong)), int(np.sum(~bitmap_right & ~style_wrong))
+        report["paired"][name] = {"lost": lost, "won": won, "mcnemar_p": mcnemar_exact(lost, won)}
     report["misses"] = [
         {
             "drawing": drawings[j],
             "recognized": bool(recognised[j]),
             "wrong": {name: classes[predicted[name][j]] for name in wrong if wrong[name][j]},
         }
-        for j in np.flatnonzero(predicted["bitmap"] == labels)
+        for j in np.flatnonzero(bitmap_right)
         if any(style_wrong[j] for style_wrong in wrong.values())
     ]
     return report

@@ -120,6 +120,13 @@ def test_canvas_check_pairs_each_unseen_drawing_with_its_bitmap(
         assert any((small_dataset / "sketch" / part / bitmap).is_file() for part in ("val", "test"))
         assert miss["wrong"] and all(said != label for said in miss["wrong"].values())
     assert text.count("canvas miss:") == len(misses)
+    # Paired counts: what a style alone loses (its listed misses) less what it alone wins is its gap.
+    for name in renderings:
+        paired = canvas["paired"][name]
+        assert paired["lost"] == sum(name in miss["wrong"] for miss in misses)
+        assert paired["lost"] - paired["won"] == round(canvas["drawings"] * (canvas["bitmap"] - canvas[name]))
+        assert 0 < paired["mcnemar_p"] <= 1
+        assert f"{paired['lost']} lost, {paired['won']} won, McNemar p = {paired['mcnemar_p']:.2f}" in text
 
     engine = SketchEngine.load(photo_index)
     engine.embedder.config = engine.config.replace(refit=True)
