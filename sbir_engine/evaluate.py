@@ -178,8 +178,9 @@ def format_report(report: dict) -> str:
         if isinstance(value, float):
             line = f"canvas check           {name:28s} top-1 {value:.3f}"
             if name in paired:
-                lost, won, p = paired[name].values()
-                line += f"  (vs its bitmap: {lost} lost, {won} won, McNemar p = {p:.2f})"
+                pair = paired[name]
+                line += f"  (vs its bitmap: {pair['lost']} lost, {pair['won']} won, "
+                line += f"McNemar p = {pair['mcnemar_p']:.2f})"
             lines.append(line)
     for group, numbers in report.get("canvas", {}).get("bitmap by Google's recognized flag", {}).items():
         if numbers["drawings"]:
