@@ -329,16 +329,37 @@ def evaluate(
     ] = None,
     quickdraw: Annotated[Path, typer.Option(help="QuickDraw tarball, for the canvas comparison.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON.")] = False,
+    against: Annotated[
+        Path,
+        typer.Option(
+            help="An earlier `evaluate --out` evaluation.json on the same queries: compare query by query."
+        ),
+    ] = None,
 ) -> None:
     """Sketch accuracy and retrieval quality (mAP@all, P@10, P@100) against an index."""
+    from .evaluate import compare_queries, format_comparison, format_report, paired_queries
     from .evaluate import evaluate as run_evaluation
-    from .evaluate import format_report
 
+    comparison = None
+    try:  # before the evaluation, so that a wrong path fails at once
+        baseline = json.loads(against.read_text()) if against else None
+    except (OSError, ValueError) as err:
+        fail(f"--against {against}: {err}")
     try:
         report = run_evaluation(index, queries, out, canvas_strokes=canvas, quickdraw=quickdraw)
     except _errors() as err:
         fail(str(err))
-    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if against:
+        try:
+            comparison = compare_queries(*paired_queries(baseline, report))
+        except ValueError as err:
+            fail(f"--against {against}: {err}")
+    if as_json:
+        typer.echo(json.dumps(report | ({"against": comparison} if against else {}), indent=2))
+        return
+    typer.echo(format_report(report))
+    if comparison:
+        typer.echo(format_comparison(f"against {against} (the baseline)", comparison))
 
 
 @app.command()

@@ -1,17 +1,27 @@
 """``evaluate``, where every quality figure of the README comes from, on the small real model and photos."""
 
-import importlib.util
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
 from sbir_engine.build import build_index
+from sbir_engine.cli import app
 from sbir_engine.engine import SketchEngine
-from sbir_engine.evaluate import evaluate, evaluate_canvas, format_report
+from sbir_engine.evaluate import (
+    compare_queries,
+    evaluate,
+    evaluate_canvas,
+    format_comparison,
+    format_report,
+    paired_queries,
+)
 
 GROUPS = "bitmap by Google's recognized flag"
 
@@ -150,24 +160,16 @@ def test_canvas_check_follows_the_dataset_split_not_the_training_seed(
     assert again == evaluation[0]["canvas"]
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_two_evaluations_compare_query_by_query(evaluation, photo_index, small_dataset, tmp_path, capsys):
+def test_two_evaluations_compare_query_by_query(evaluation, photo_index, small_dataset, tmp_path):
     report, out = evaluation
     ranks = [q["rank"] for q in report["per_query"]]
     assert len(ranks) == report["queries"] and min(ranks) == 1
     assert np.mean(np.array(ranks) <= 3) == pytest.approx(report["classification"]["top3"])
     # The same model without the class re-ranking: the same classes, the engine's ranking becomes
     # the 512-d one.
-    plain = evaluate(photo_index, small_dataset / "sketch" / "test", out=tmp_path, rerank_weight=0.0)
-    compare_evaluations = load_script("compare_evaluations")
-    pairs = compare_evaluations.paired_queries(out / "evaluation.json", tmp_path / "evaluation.json")
-    result = compare_evaluations.compare(*pairs)
+    plain = evaluate(photo_index, small_dataset / "sketch" / "test", rerank_weight=0.0)
+    saved = json.loads((out / "evaluation.json").read_text())
+    result = compare_queries(*paired_queries(saved, plain))
     assert result["queries"] == report["queries"]
     assert result["top-1"][2:] == (0, 0, 1.0) and result["top-3"][2:] == (0, 0, 1.0)
     assert plain["retrieval"]["mAP@all"] == pytest.approx(report["embedding_retrieval"]["mAP@all"])
@@ -177,8 +179,37 @@ def test_two_evaluations_compare_query_by_query(evaluation, photo_index, small_d
     # Ranks worked out by hand: top-1 is lost on one query and won on two.
     records = [{"rank": r, "AP": 0.5, "AP 512-d": 0.5} for r in (1, 1, 2, 5)]
     other = [{"rank": r, "AP": 0.75, "AP 512-d": 0.5} for r in (1, 2, 1, 1)]
-    hand = compare_evaluations.compare(records, other)
+    hand = compare_queries(records, other)
     assert hand["top-1"][2:] == (1, 2, 1.0) and hand["top-3"][2:] == (0, 1, 1.0)
     assert hand["AP"] == pytest.approx((0.25, 0.25, 0.25))
-    compare_evaluations.print_comparison("hand", hand)
-    assert "only the baseline right   1, only the candidate   2  McNemar p = 1.000" in capsys.readouterr().out
+    text = format_comparison("hand", hand)
+    assert "only the baseline right   1, only the candidate   2  McNemar p = 1.000" in text
+    with pytest.raises(ValueError, match="share no query sketch"):
+        paired_queries(saved, {"per_query": [dict(q, path="elsewhere.png") for q in saved["per_query"]]})
+
+
+def test_evaluate_against_an_earlier_evaluation_and_over_several_pairs(
+    evaluation, photo_index, small_dataset, tmp_path
+):
+    _, out = evaluation
+    earlier = out / "evaluation.json"
+    queries = str(small_dataset / "sketch" / "test")
+    args = ["evaluate", "--index", str(photo_index), "--queries", queries]
+    result = CliRunner().invoke(app, [*args, "--against", str(earlier)])
+    assert result.exit_code == 0, result.output
+    assert f"against {earlier} (the baseline)" in result.output
+    assert "only the baseline right   0, only the candidate   0  McNemar p = 1.000" in result.output
+    # A report without per-query records (an older sbir-engine) and a missing file: one line each.
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"queries": 3}))
+    result = CliRunner().invoke(app, [*args, "--against", str(old)])
+    assert result.exit_code == 1 and f"--against {old}: the baseline report has no per-query" in result.output
+    result = CliRunner().invoke(app, [*args, "--against", str(tmp_path / "missing.json")])
+    assert result.exit_code == 1 and "missing.json" in result.output and "Traceback" not in result.output
+    # The script pools several pairs (here the same pair twice).
+    script = Path(__file__).parents[1] / "scripts" / "compare_evaluations.py"
+    pairs = ["--baseline", str(earlier), str(earlier), "--candidate", str(earlier), str(earlier)]
+    printed = subprocess.run(
+        [sys.executable, str(script), *pairs], capture_output=True, text=True, check=True
+    )
+    assert printed.stdout.count("McNemar p = 1.000") == 6 and "pooled over 2 pairs" in printed.stdout
