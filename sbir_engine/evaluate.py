@@ -83,7 +83,7 @@ def evaluate(
             report[name][f"{metric}_ci95"] = list(bootstrap_interval(values))
     report["retrieval"]["rerank_weight"] = weight
     # Per query, so that two models scored on the same queries can be compared pair by pair
-    # (scripts/compare_evaluations.py): the true class's rank among the classes, and its APs.
+    # (compare_queries, `evaluate --against`): the true class's rank among the classes, and its APs.
     ranks = true_class_ranks(probabilities, label_ids)
     report["per_query"] = [
         {
@@ -204,12 +204,14 @@ def format_report(report: dict) -> str:
 
 def paired_queries(baseline: dict, candidate: dict) -> tuple[list[dict], list[dict]]:
     """The per-query records of two ``evaluate`` reports for the queries both scored (and whose
-    class both models know), in the same order."""
+    class both models know), in the same order. A query is its ``<class>/<image>`` name, so two
+    runs from other working directories, or on copies of the query folder, still pair up."""
     records = []
     for name, report in (("baseline", baseline), ("candidate", candidate)):
         if "per_query" not in report:
             raise ValueError(f"the {name} report has no per-query records: run `sbir-engine evaluate` again")
-        records.append({q["path"]: q for q in report["per_query"] if q["rank"] is not None})
+        by_name = {Path(q["path"]).parent.name + "/" + Path(q["path"]).name: q for q in report["per_query"]}
+        records.append({key: q for key, q in by_name.items() if q["rank"] is not None})
     shared = sorted(records[0].keys() & records[1].keys())
     if not shared:
         raise ValueError("the two reports share no query sketch: evaluate both on the same queries")

@@ -184,6 +184,9 @@ def test_two_evaluations_compare_query_by_query(evaluation, photo_index, small_d
     assert hand["AP"] == pytest.approx((0.25, 0.25, 0.25))
     text = format_comparison("hand", hand)
     assert "only the baseline right   1, only the candidate   2  McNemar p = 1.000" in text
+    # Queries pair up by their <class>/<image> name, wherever the query folder was.
+    moved = [dict(q, path=str(Path("/elsewhere", *Path(q["path"]).parts[-2:]))) for q in plain["per_query"]]
+    assert compare_queries(*paired_queries(saved, {"per_query": moved})) == result
     with pytest.raises(ValueError, match="share no query sketch"):
         paired_queries(saved, {"per_query": [dict(q, path="elsewhere.png") for q in saved["per_query"]]})
 
