@@ -76,17 +76,13 @@ def build_model(config: EngineConfig, weights: str | Path | None = "imagenet") -
     layers.append(keras.layers.Dense(config.embedding_dim, activation="relu", name=EMBEDDING_LAYER))
     layers.append(keras.layers.Dense(len(config.classes), activation="softmax", name=PROBABILITIES_LAYER))
 
-    def head_layers(x):
-        for layer in layers:
-            x = layer(x)
-        return x
-
     image = keras.Input(config.input_shape, name="image")
     # training=False keeps batch-norm statistics fixed, also when the top of the backbone is fine-tuned.
-    classifier = keras.Model(image, head_layers(backbone(image, training=False)), name="sketch_classifier")
-    features = keras.Input((FEATURE_DIMS[config.backbone],), name="features")
-    head = keras.Model(features, head_layers(features), name="head")
-    return SketchModel(config, classifier, backbone, head)
+    outputs = backbone(image, training=False)
+    for layer in layers:
+        outputs = layer(outputs)
+    classifier = keras.Model(image, outputs, name="sketch_classifier")
+    return SketchModel(config, classifier, backbone, head_model(classifier, config))
 
 
 def load_model(run_dir: Path) -> SketchModel:
@@ -98,9 +94,14 @@ def load_model(run_dir: Path) -> SketchModel:
     config = EngineConfig.load(run_dir / CONFIG_FILE)
     classifier = keras.models.load_model(path, safe_mode=True, compile=False)
     backbone = next(layer for layer in classifier.layers if isinstance(layer, keras.Model))
+    return SketchModel(config, classifier, backbone, head_model(classifier, config))
+
+
+def head_model(classifier: keras.Model, config: EngineConfig) -> keras.Model:
+    """Backbone features → probabilities through the classifier's own head layers (shared weights),
+    which trains in seconds on cached features."""
     features = keras.Input((FEATURE_DIMS[config.backbone],), name="features")
-    head = keras.Model(features, apply_head(classifier, features)[1], name="head")
-    return SketchModel(config, classifier, backbone, head)
+    return keras.Model(features, apply_head(classifier, features)[1], name="head")
 
 
 def apply_head(source: keras.Model, features):
