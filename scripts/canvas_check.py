@@ -26,8 +26,13 @@ from sbir_engine.evaluate import evaluate_canvas
 from sbir_engine.model import load_model
 
 
+def canvas_styles(report: dict) -> dict[str, float]:
+    """Each canvas style's top-1 in an ``evaluate_canvas`` report."""
+    return {name: value for name, value in report.items() if name.startswith("canvas ")}
+
+
 def gap_and_mean(report: dict) -> tuple[float, float]:
-    styles = [value for name, value in report.items() if name.startswith("canvas ")]
+    styles = canvas_styles(report).values()
     return 100 * (report["bitmap"] - min(styles)), statistics.mean(styles)
 
 
@@ -66,7 +71,7 @@ def main() -> None:
             gap, mean = gap_and_mean(report)
             by_split[config.split_seed][f"{name} gap"].append(gap)
             by_split[config.split_seed][f"{name} mean canvas"].append(mean)
-            styles = " ".join(f"{v:.3f}" for k, v in report.items() if k.startswith("canvas "))
+            styles = " ".join(f"{v:.3f}" for v in canvas_styles(report).values())
             line.append(f"{name}: styles {styles}, gap {gap:.1f}, mean {mean:.3f}")
         print(
             f"{run} ({report['drawings']} drawings, bitmaps {report['bitmap']:.3f}) " + " | ".join(line),
