@@ -8,7 +8,10 @@ these variants:
 - ``class-balanced photos``: each class's training photos weighted to one total within the photo
   domain (the capped photo classes hold 39 to 300 images, so the head's prior leans to the big ones);
 - ``dropout R`` (with ``--dropouts``): all the rows, the backbone features dropped at rate R while the
-  head trains (``train --head-dropout R``).
+  head trains (``train --head-dropout R``);
+- ``stroke views P`` (with ``--stroke-views``): all the rows, plus each training sketch with its ink
+  thickened and thinned by P pixels (P steps of ``RandomStrokeWidth``'s 3×3 filters), served as the
+  engine serves a sketch (mirror-averaged); the extra rows share the sketch domain's weight.
 Each variant reports validation and test sketch top-1 / top-3, as trained and with the head's
 training class prior divided out of its probabilities (``prior-corrected``: logit adjustment,
 Menon et al. 2021). Medians over the seeds at the end.
@@ -25,11 +28,14 @@ from pathlib import Path
 
 import keras
 import numpy as np
+from keras import ops
 
 from sbir_engine.config import EngineConfig
-from sbir_engine.data import load_split
+from sbir_engine.data import Sample, load_split
+from sbir_engine.embed import read_batches
+from sbir_engine.images import load_rgb
 from sbir_engine.metrics import top_k_accuracy
-from sbir_engine.model import build_model
+from sbir_engine.model import SketchModel, build_model
 from sbir_engine.train import domain_balanced_weights, fit_head, head_rows, served_rows
 
 
@@ -55,6 +61,32 @@ def class_balanced_photo_weights(labels: np.ndarray, domains: np.ndarray) -> np.
     return (weights * np.where(photo, factor[labels], 1.0)).astype(np.float32)
 
 
+def stroke_view_rows(
+    model: SketchModel, sketches: list[Sample], pixels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Served features of each training sketch with its ink thinned, then thickened, by ``pixels``
+    pixels at image_size (dark ink on white: a 3×3 max filter eats it, a min filter spreads it)."""
+    config = model.config
+
+    def served(images: np.ndarray) -> np.ndarray:
+        features = np.asarray(model.backbone.predict_on_batch(images))
+        if config.mirror:
+            features = (features + np.asarray(model.backbone.predict_on_batch(images[:, :, ::-1]))) / 2
+        return features
+
+    load = lambda path: load_rgb(path, config.image_size)  # noqa: E731
+    by_path = {s.path: s for s in sketches}
+    features, labels = [], []
+    for batch in read_batches([s.path for s in sketches], load, config.batch_size):
+        for sign in (1, -1):  # thinner: the max of the image; thicker: minus the max of its negative
+            images = ops.convert_to_tensor(batch.arrays)
+            for _ in range(pixels):
+                images = sign * ops.max_pool(sign * images, 3, 1, "same")
+            features.append(served(np.asarray(images)))
+            labels.extend(config.classes.index(by_path[p].label) for p in batch.paths)
+    return np.concatenate(features), np.array(labels)
+
+
 def scores(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     return top_k_accuracy(probabilities, labels, 1), top_k_accuracy(probabilities, labels, 3)
 
@@ -68,6 +100,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
     parser.add_argument("--shares", default="0.6,0.8,1.0", help="shares of the training sketches")
     parser.add_argument("--dropouts", default="", help="head dropout rates to try, comma-separated")
+    parser.add_argument(
+        "--stroke-views", default="", help="ink thickened and thinned by these pixel counts, comma-separated"
+    )
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="as for `sbir-engine train`")
     parser.add_argument(
         "--augment", action="store_true", help="heads on augmented views (`train` without --no-augment)"
@@ -76,12 +111,18 @@ def main() -> None:
 
     classes = tuple(json.loads((args.data / "dataset.json").read_text())["classes"])
     results: dict[str, list[tuple[float, ...]]] = defaultdict(list)
+    stroke_pixels = [int(p) for p in args.stroke_views.split(",") if p]
+    stroke_rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # the backbone is every seed's
     for seed in (int(s) for s in args.seeds.split(",")):
         config = EngineConfig(
             classes=classes, seed=seed, augment=args.augment, label_smoothing=args.label_smoothing
         )
         model = build_model(config, args.backbone_weights)
-        _, (x, y, domains), (x_val, y_val, d_val) = head_rows(model, args.data)
+        train_samples, (x, y, domains), (x_val, y_val, d_val) = head_rows(model, args.data)
+        train_sketches = [s for s in train_samples if s.domain == "sketch"]
+        for pixels in stroke_pixels:
+            if pixels not in stroke_rows:
+                stroke_rows[pixels] = stroke_view_rows(model, train_sketches, pixels)
         domains, d_val = np.array(domains), np.array(d_val)
         test_samples = load_split(args.data, "test", ("sketch",))
         x_test, y_test, _ = served_rows(model, test_samples, "test")
@@ -95,10 +136,19 @@ def main() -> None:
         variants["class-balanced photos"] = (everything, class_balanced_photo_weights(y, domains))
         rates = {f"dropout {float(r):.2f}": float(r) for r in args.dropouts.split(",") if r}
         variants.update({name: (everything, None) for name in rates})
+        extra = {f"stroke views {p}": stroke_rows[p] for p in stroke_pixels}
+        variants.update({name: (everything, None) for name in extra})
         for name, (keep, weights) in variants.items():
             keras.utils.set_random_seed(seed)
             model = build_model(config.replace(head_dropout=rates.get(name, 0.0)), args.backbone_weights)
             train_rows = (x[keep], y[keep], list(domains[keep]))
+            if name in extra:
+                x_extra, y_extra = extra[name]
+                train_rows = (
+                    np.concatenate([train_rows[0], x_extra]),
+                    np.concatenate([train_rows[1], y_extra]),
+                    train_rows[2] + ["sketch"] * len(y_extra),
+                )
             weights = domain_balanced_weights(train_rows[2]) if weights is None else weights[keep]
             history = fit_head(model, train_rows, (x_val, y_val, list(d_val)), None, weights, 0)
             prior = np.bincount(train_rows[1], weights=weights, minlength=len(classes))

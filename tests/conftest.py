@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -30,6 +31,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return SHARED_DATA
+
+
+def _ink_cosine(a, b) -> float:
+    a, b = 255.0 - np.asarray(a, np.float64).ravel(), 255.0 - np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.fixture(scope="session")
+def ink_similarity():
+    """The tests' measure of two drawings looking alike: the cosine of their ink (255 - grey)."""
+    return _ink_cosine
 
 
 @pytest.fixture(scope="session")

