@@ -63,11 +63,11 @@ def evaluate(
 
     report: dict = {"queries": len(labels), "skipped": [f"{p}: {r}" for p, r in skipped]}
     report["classification"] = {}
+    ranks = true_class_ranks(probabilities, label_ids)  # 0 for a class the model does not know
     counted = int(known.sum())
     for k in (1, 3):
-        accuracy = top_k_accuracy(probabilities[known], label_ids[known], k)
-        report["classification"][f"top{k}"] = accuracy
-        hits = round(accuracy * counted) if counted else 0
+        hits = int(np.sum((ranks >= 1) & (ranks <= k)))
+        report["classification"][f"top{k}"] = hits / counted if counted else float("nan")
         report["classification"][f"top{k}_ci95"] = list(wilson_interval(hits, counted))
     report["top3_misses"] = top3_misses(probabilities, label_ids, paths, classes)
     gallery = engine.index
@@ -84,7 +84,6 @@ def evaluate(
     report["retrieval"]["rerank_weight"] = weight
     # Per query, so that two models scored on the same queries can be compared pair by pair
     # (compare_queries, `evaluate --against`): the true class's rank among the classes, and its APs.
-    ranks = true_class_ranks(probabilities, label_ids)
     report["per_query"] = [
         {
             "path": str(path),
@@ -125,9 +124,10 @@ def evaluate(
 def top3_misses(probabilities: np.ndarray, label_ids: np.ndarray, paths: list, classes) -> list[dict]:
     """The queries whose class is not among the three most probable, with what the model said instead."""
     misses = []
-    for path, p, label in zip(paths, probabilities, label_ids, strict=True):
+    ranks = true_class_ranks(probabilities, label_ids)  # as the report's top-3 counts them
+    for path, p, label, rank in zip(paths, probabilities, label_ids, ranks, strict=True):
         top3 = np.argsort(-p)[:3]
-        if label >= 0 and label not in top3:
+        if rank > 3:
             misses.append(
                 {
                     "path": str(path),

@@ -10,18 +10,21 @@ import numpy as np
 
 
 def top_k_accuracy(probabilities: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """The share of rows whose true class is among the k most probable (by ``true_class_ranks``,
+    so that a report's top-k and its per-query ranks agree; an unknown label is a miss)."""
     if len(labels) == 0:
         return float("nan")
-    top = np.argsort(-probabilities, axis=1)[:, :k]
-    return float(np.mean(np.any(top == np.asarray(labels)[:, None], axis=1)))
+    ranks = true_class_ranks(probabilities, labels)
+    return float(np.mean((ranks >= 1) & (ranks <= k)))
 
 
 def true_class_ranks(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Each row's rank of its true class (1 = the most probable; rank <= k is a top-k hit),
-    0 where the label is negative (a class the model does not know)."""
+    0 where the label is negative (a class the model does not know). A class tied with the true
+    one ranks ahead of it: a model that cannot tell them apart gets no credit for the tie."""
     labels = np.asarray(labels)
     own = probabilities[np.arange(len(labels)), np.maximum(labels, 0)]
-    ranks = 1 + np.sum(probabilities > own[:, None], axis=1)
+    ranks = np.sum(probabilities >= own[:, None], axis=1)
     return np.where(labels >= 0, ranks, 0)
 
 

@@ -44,6 +44,11 @@ def test_classification_helpers():
     assert top_k_accuracy(probabilities, labels, 2) == pytest.approx(2 / 3)
     assert true_class_ranks(probabilities, labels).tolist() == [1, 2, 3]
     assert true_class_ranks(probabilities, np.array([2, -1, 2])).tolist() == [2, 0, 1]
+    assert top_k_accuracy(probabilities, np.array([-1, -1, -1]), 3) == 0.0  # unknown labels miss
+    # Ties take no credit: an untrained (uniform) head is right nowhere, not in an arbitrary third.
+    uniform = np.full((3, 3), 1 / 3)
+    assert true_class_ranks(uniform, labels).tolist() == [3, 3, 3]
+    assert top_k_accuracy(uniform, labels, 1) == 0.0 and top_k_accuracy(uniform, labels, 3) == 1.0
     matrix = confusion_matrix(probabilities.argmax(axis=1), labels, 3)
     assert matrix.tolist() == [[0, 0, 1], [1, 1, 0], [0, 0, 0]]
 
