@@ -30,17 +30,19 @@ import numpy as np
 from .config import IMAGE_EXTENSIONS
 from .embed import Embedder, embed_images
 from .index import (
-    TARGET_RECALL,
     Entry,
     ForeignIndexError,
     GalleryIndex,
     IndexFormatError,
     VectorStore,
+    index_exists,
+    new_meta,
+)
+from .index_factory import (
+    TARGET_RECALL,
     default_memory_budget,
     estimate_memory,
     factory_candidates,
-    index_exists,
-    new_meta,
     tune_search,
 )
 from .model import load_model

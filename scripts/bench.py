@@ -242,16 +242,10 @@ def keras_reference(model, images: np.ndarray, chunk: int = 16) -> tuple[np.ndar
 
 def build_gallery(run_dir: Path, model, embedder, photos: list[Path], work: Path, size: int) -> Path:
     """A 10k-entry index whose vectors are real photo embeddings, duplicated with small noise."""
-    from sbir_engine.index import (
-        Entry,
-        GalleryIndex,
-        choose_factory,
-        make_faiss_index,
-        new_meta,
-        tune_search,
-    )
+    from sbir_engine.index import Entry, GalleryIndex, new_meta
     from sbir_engine.model import l2_normalize
 
+    choice = faiss_choice()
     arrays = np.stack([embedder.load_image(p) for p in photos])
     base, probabilities = embedder(arrays)
     rng = np.random.default_rng(0)
@@ -263,9 +257,9 @@ def build_gallery(run_dir: Path, model, embedder, photos: list[Path], work: Path
     labels = [photos[i].parent.name for i in pick]
     entries = [Entry(int(i), f"synthetic/{i:06d}.jpg", labels[i], "0" * 64, 0) for i in ids]
     dim = vectors.shape[1]
-    factory = choose_factory(size, dim)
-    index = make_faiss_index(vectors, ids, factory)
-    name, value, recall = tune_search(index, vectors, factory)
+    factory = choice.choose_factory(size, dim)
+    index = choice.make_faiss_index(vectors, ids, factory)
+    name, value, recall = choice.tune_search(index, vectors, factory)
     index_dir = work / f"index-{SHORT[model.config.backbone]}"
     gallery_root = work / "gallery"
     gallery_root.mkdir(exist_ok=True)
@@ -585,9 +579,18 @@ def synthetic_vectors(
     return out
 
 
-def heldout_queries(vectors: np.ndarray, count: int, seed: int = 1) -> np.ndarray:
-    from sbir_engine import index as idx
+def faiss_choice():
+    """The module that chooses, builds and tunes FAISS indexes: ``sbir_engine.index_factory``, or
+    ``sbir_engine.index`` on commits from before the split (the benchmark also measures those)."""
+    try:
+        from sbir_engine import index_factory
+    except ImportError:
+        from sbir_engine import index as index_factory
+    return index_factory
 
+
+def heldout_queries(vectors: np.ndarray, count: int, seed: int = 1) -> np.ndarray:
+    idx = faiss_choice()
     if hasattr(idx, "probe_queries"):  # the definition tune_search uses, with another seed
         return idx.probe_queries(vectors, count, seed=seed)
     rng = np.random.default_rng(seed)
@@ -648,15 +651,16 @@ def search_rates(search, queries: np.ndarray, rounds: int, singles: int) -> dict
 def bench_faiss(sizes: list[int], rounds: int, queries_count: int, dim: int = 512) -> dict:
     import faiss
 
-    from sbir_engine import index as idx
+    from sbir_engine.index import GalleryIndex
 
+    idx = faiss_choice()
     out = {}
     for n in sizes:
         log(f"faiss: {n:,} synthetic vectors")
         vectors, queries, data = faiss_data(n, dim, min(queries_count, n))
         ids = np.arange(n, dtype=np.int64)
         # As a build chooses: the first candidate that fits the memory budget, the next one when
-        # tuning cannot reach the target recall (index.factory_candidates; choose_factory = first).
+        # tuning cannot reach the target recall (index_factory.factory_candidates; choose_factory = first).
         if hasattr(idx, "factory_candidates"):
             candidates = idx.factory_candidates(n, dim)
         else:
@@ -678,7 +682,7 @@ def bench_faiss(sizes: list[int], rounds: int, queries_count: int, dim: int = 51
             if tuned_recall >= getattr(idx, "TARGET_RECALL", 0.95):
                 break
         estimate = idx.estimate_memory(factory, n, dim) if hasattr(idx, "estimate_memory") else None
-        gallery = idx.GalleryIndex(
+        gallery = GalleryIndex(
             index, vectors, np.zeros((n, 1), np.float32), ids, [], {"dim": dim, "factory": factory}
         )
         exact = faiss.IndexFlatIP(dim)

@@ -35,10 +35,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sbir_engine.index import (  # noqa: E402
+from sbir_engine.index import GalleryIndex  # noqa: E402
+from sbir_engine.index_factory import (  # noqa: E402
     DEFAULT_MEMORY_FRACTION,
     TARGET_RECALL,
-    GalleryIndex,
     estimate_memory,
     factory_candidates,
     make_faiss_index,

@@ -15,15 +15,8 @@ from typer.testing import CliRunner
 from sbir_engine.build import add_files, build_index, remove_files
 from sbir_engine.cli import app
 from sbir_engine.embed import Embedder
-from sbir_engine.index import (
-    Entry,
-    GalleryIndex,
-    choose_factory,
-    estimate_memory,
-    make_faiss_index,
-    new_meta,
-    tune_search,
-)
+from sbir_engine.index import Entry, GalleryIndex, new_meta
+from sbir_engine.index_factory import choose_factory, estimate_memory, make_faiss_index, tune_search
 from sbir_engine.model import load_model
 
 NEW_PHOTOS = {"cat": 3, "fish": 2}  # 5 real photos past the first 40 the small dataset drew from
@@ -234,10 +227,9 @@ def test_tuned_search_reaches_the_target_recall(factory):
 
 def test_a_type_that_cannot_reach_the_recall_is_replaced(tmp_path, monkeypatch):
     """HNSW's graph can fail on strongly clustered vectors; the build then takes the next type."""
-    from sbir_engine import build
-    from sbir_engine import index as index_module
+    from sbir_engine import build, index_factory
 
-    monkeypatch.setattr(index_module, "FLAT_LIMIT", 1_000)  # a small gallery stands in for a large one
+    monkeypatch.setattr(index_factory, "FLAT_LIMIT", 1_000)  # a small gallery stands in for a large one
     vectors, n = clustered(6_000), 6_000
     meta = new_meta(64, "Flat", "f", tmp_path, tmp_path / "index", tmp_path)
     store = GalleryIndex.empty(64, 2, meta)
