@@ -41,8 +41,12 @@ def switch(name: str, help: str):
 DEFAULT_COLLECTION = "sbir_gallery"  # sbir_engine.milvus.DEFAULT_COLLECTION, without importing it
 
 
-def fail(message: str, code: int = 1) -> None:
+def report_error(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+
+
+def fail(message: str, code: int = 1) -> None:
+    report_error(message)
     raise typer.Exit(code)
 
 
@@ -106,12 +110,16 @@ def build_index_command(
 
 @app.command()
 def query(
-    sketch: Annotated[Path, typer.Argument(help="Sketch image file.")],
+    sketches: Annotated[
+        list[Path], typer.Argument(help="Sketch image file(s); several share one loaded model.")
+    ],
     index: IndexDir = DEFAULTS.index_dir,
     k: Annotated[int, typer.Option("-k", help="Number of neighbours.")] = 10,
     same_class: Annotated[bool, typer.Option(help="Only images of the predicted class.")] = False,
     label: Annotated[list[str], typer.Option(help="Only images with this label (repeatable).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (a line per sketch, with its path).")
+    ] = False,
     save_input: Annotated[
         Path,
         typer.Option(help="Also write the sketch as the model is given it: the sketch normaliser's PNG."),
@@ -120,9 +128,16 @@ def query(
     uri: MilvusUri = "",
     collection: Collection = DEFAULT_COLLECTION,
 ) -> None:
-    """Classify a sketch and list its nearest gallery images."""
-    from .engine import SketchEngine
+    """Classify a sketch and list its nearest gallery images.
 
+    With several sketches, a file that cannot be read is reported (error: PATH: reason) and
+    skipped, the others are answered, and the exit status is 1.
+    """
+    from .engine import SketchEngine
+    from .images import ImageError
+
+    if save_input is not None and len(sketches) > 1:
+        fail(f"--save-input writes one file: give it one sketch, not {len(sketches)}")
     try:
         if _target(backend, index, uri, collection) is None:
             engine = SketchEngine.load(index)
@@ -130,21 +145,35 @@ def query(
             from .milvus import load_engine
 
             engine = load_engine(uri, collection)
-        result = engine.query(sketch, k=k, same_class=same_class, labels=label or None)
     except _index_errors() as err:
         fail(str(err))
-    if save_input is not None:
+    several, failed = len(sketches) > 1, 0
+    for sketch in sketches:
         try:
-            engine.embedder.normalize_sketch(sketch).save(save_input, "PNG")
-        except OSError as err:
-            fail(f"{save_input}: cannot write the model's input ({err.strerror or err})")
-    if as_json:
-        typer.echo(json.dumps(result.to_dict()))
-        return
-    top = sorted(result.probabilities.items(), key=lambda kv: -kv[1])[:5]
-    typer.echo(f"class: {result.label}  (" + ", ".join(f"{c} {p:.2f}" for c, p in top) + ")")
-    for rank, n in enumerate(result.neighbours, 1):
-        typer.echo(f"{rank:3d}. {n.score:.3f}  {n.label or '-':12s} {n.path}  (id {n.id})")
+            result = engine.query(sketch, k=k, same_class=same_class, labels=label or None)
+        except ImageError as err:  # one bad file of several: say which, answer the rest
+            report_error(str(err))
+            failed += 1
+            continue
+        except _index_errors() as err:
+            fail(str(err))
+        if save_input is not None:
+            try:
+                engine.embedder.normalize_sketch(sketch).save(save_input, "PNG")
+            except OSError as err:
+                fail(f"{save_input}: cannot write the model's input ({err.strerror or err})")
+        answer = result.to_dict()
+        if as_json:
+            typer.echo(json.dumps({"sketch": str(sketch), **answer} if several else answer))
+            continue
+        if several:
+            typer.echo(str(sketch))
+        top = sorted(result.probabilities.items(), key=lambda kv: -kv[1])[:5]
+        typer.echo(f"class: {result.label}  (" + ", ".join(f"{c} {p:.2f}" for c, p in top) + ")")
+        for rank, n in enumerate(result.neighbours, 1):
+            typer.echo(f"{rank:3d}. {n.score:.3f}  {n.label or '-':12s} {n.path}  (id {n.id})")
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command("prepare-data")

@@ -130,3 +130,32 @@ def test_cli_query_json_and_index_info(small_index, umbrella_canvases, tmp_path)
     nowhere = tmp_path / "no-such-folder" / "given.png"
     bad = runner.invoke(app, [*query, "--save-input", str(nowhere)])
     assert bad.exit_code == 1 and "no-such-folder" in bad.output and "cannot write" in bad.output
+
+
+def test_cli_query_answers_several_sketches_and_skips_one_it_cannot_read(
+    small_index, engine, umbrella_canvases, tmp_path
+):
+    """One loaded model answers each sketch as a query of its own; a broken file is named, not fatal."""
+    sketches = []
+    for n, canvas in enumerate(umbrella_canvases[:2]):
+        sketches.append(tmp_path / f"umbrella-{n}.png")
+        canvas.save(sketches[-1])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    runner = CliRunner()
+    args = ["query", str(sketches[0]), str(broken), str(sketches[1]), "--index", str(small_index), "-k", "4"]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 1, result.output
+    answers = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [a["sketch"] for a in answers] == [str(s) for s in sketches]
+    for answer, sketch in zip(answers, sketches, strict=True):
+        alone = engine.query(sketch, k=4)
+        assert answer["label"] == alone.label
+        assert [n["id"] for n in answer["neighbours"]] == [n.id for n in alone.neighbours]
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith(f"error: {broken}: ")
+    text = runner.invoke(app, args)
+    assert text.exit_code == 1 and text.stdout.splitlines()[0] == str(sketches[0])
+    assert text.stdout.count("class: ") == 2
+    refused = runner.invoke(app, [*args[:3], "--save-input", str(tmp_path / "given.png")])
+    assert refused.exit_code == 1 and "give it one sketch" in refused.output
