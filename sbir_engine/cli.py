@@ -130,8 +130,7 @@ def query(
 ) -> None:
     """Classify a sketch and list its nearest gallery images.
 
-    With several sketches, a file that cannot be read is reported (error: PATH: reason) and
-    skipped, the others are answered, and the exit status is 1.
+    Of several sketches, one that cannot be read is named and skipped, the rest answered (exit 1).
     """
     from .engine import SketchEngine
     from .images import ImageError
