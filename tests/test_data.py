@@ -1,11 +1,13 @@
-"""prepare-data: QuickDraw bitmaps and photos → a seeded split per class and domain."""
+"""prepare-data: QuickDraw bitmaps (or one's own drawings) and photos → a seeded split per class, domain."""
 
 import json
 
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from sbir_engine.cli import app
 from sbir_engine.config import EngineConfig
 from sbir_engine.data import (
     DataError,
@@ -14,8 +16,10 @@ from sbir_engine.data import (
     prepare_data,
     quickdraw_categories,
     read_quickdraw_bitmaps,
+    read_stroke_records,
     split_indices,
 )
+from sbir_engine.images import render_strokes
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +86,67 @@ def test_prepare_data_errors(tmp_path, tarball):
 def test_load_split_needs_a_prepared_dataset(tmp_path):
     with pytest.raises(DataError, match="prepare-data"):
         load_split(tmp_path, "train")
+
+
+def own_drawings(root, shared_data, classes: dict[str, str], per_class: int) -> dict[str, int]:
+    """A folder of one's own drawings: real QuickDraw pen strokes drawn as canvases and scans of
+    several sizes and pens, PNG (RGBA) and JPEG, under class names QuickDraw does not have."""
+    counts = {}
+    for folder, category in classes.items():
+        (root / folder).mkdir(parents=True)
+        records = read_stroke_records(shared_data / "quickdraw-strokes", category)[:per_class]
+        for n, record in enumerate(records):
+            size, pen, rgba = ((400, 6, True), (1200, 14, False), (256, 3, False))[n % 3]
+            image = render_strokes(record["drawing"], size, pen, rgba)
+            image.save(root / folder / (f"drawing{n}.png" if rgba else f"drawing{n}.jpg"))
+        counts[folder] = len(records)
+    return counts
+
+
+def test_prepare_data_from_own_drawings(tmp_path, shared_data):
+    """`prepare-data --sketches` splits a folder of one's own drawings as it splits QuickDraw's:
+    normalised like queries, seeded, with unreadable files named and skipped; a model trains on it."""
+    own = tmp_path / "own"
+    counts = own_drawings(own, shared_data, {"mug": "cup", "goldfish": "fish"}, 12)
+    (own / "mug" / "broken.png").write_bytes(b"not an image")
+    Image.new("RGB", (300, 300), "white").save(own / "goldfish" / "blank.png")
+    (own / "notes").mkdir()  # a folder without images is not a class
+    runner = CliRunner()
+    args = ["prepare-data", "--sketches", str(own), "--out"]
+    result = runner.invoke(app, [*args, str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    skipped = sorted(line for line in result.stderr.splitlines() if line.startswith("skipped "))
+    assert len(skipped) == 2
+    assert skipped[0].startswith(f"skipped {own / 'goldfish' / 'blank.png'}: ") and "empty" in skipped[0]
+    assert skipped[1].startswith(f"skipped {own / 'mug' / 'broken.png'}: ")
+    dataset = json.loads((tmp_path / "a" / "dataset.json").read_text())
+    assert dataset["classes"] == ["goldfish", "mug"] and dataset["domains"] == ["sketch"]
+    assert dataset["sources"]["sketches"] == str(own) and len(dataset["skipped"]) == 2
+    for label, total in counts.items():
+        per_split = [dataset["counts"]["sketch"][split][label] for split in ("train", "val", "test")]
+        assert sum(per_split) == total and min(per_split) >= 1
+    samples = [s for split in ("train", "val", "test") for s in load_split(tmp_path / "a", split)]
+    assert len({s.path.name for s in samples}) == len(samples) == sum(counts.values())
+    for sample in samples[:4]:
+        with Image.open(sample.path) as image:  # the 1200 px scans too: 28 px, dark ink on white
+            assert image.size == (28, 28) and image.mode == "L"
+            assert np.median(np.asarray(image)) > 200 and np.asarray(image).min() < 100
+    again = runner.invoke(app, [*args, str(tmp_path / "b")])
+    assert again.exit_code == 0
+    assert [s.path.name for s in load_split(tmp_path / "b", "test")] == [
+        s.path.name for s in load_split(tmp_path / "a", "test")
+    ]
+    # Too few drawings for a class: named, with the least a split needs.
+    config = EngineConfig(classes=("mug", "goldfish"))
+    few = tmp_path / "few"
+    own_drawings(few, shared_data, {"mug": "cup", "goldfish": "fish"}, 3)
+    with pytest.raises(DataError, match=r"few/mug: 3 usable drawings of 3; .* needs at least \d+"):
+        prepare_data(tmp_path / "c", config, sketches=few)
+    with pytest.raises(DataError, match="no drawings for the classes teapot"):
+        prepare_data(tmp_path / "c", EngineConfig(classes=("mug", "teapot")), sketches=own)
+    # A model trains on the prepared folder and answers with the folder's class names.
+    from sbir_engine.train import train
+
+    tiny = EngineConfig(sketch_views=1, epochs=3, patience=3)
+    metrics = train(tmp_path / "a", tmp_path / "run", tiny, verbose=0)
+    assert metrics["classes"] == ["goldfish", "mug"] and metrics["sketch"]["test_images"] >= 2
