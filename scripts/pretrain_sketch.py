@@ -59,6 +59,11 @@ def prepare(data_dir: Path, carry: Path, photos_per_class: int) -> None:
     config = EngineConfig(
         classes=tuple(summary["classes"]), seed=summary["seed"], split=tuple(summary["split"])
     )
+    if summary["sources"].get("sketches"):  # its training split is not a cut of the package's drawings
+        raise SystemExit(
+            f"{data_dir} was prepared from your own drawings (prepare-data --sketches); this script "
+            "packs QuickDraw-prepared datasets only: use `sbir-engine pretrain` for it"
+        )
     tarball = Path(summary["sources"]["quickdraw"])
     categories = quickdraw_categories(tarball)
     out = carry / "pretrain"
