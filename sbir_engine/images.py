@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 ImageSource = str | Path | bytes | np.ndarray | Image.Image
 
@@ -23,6 +23,10 @@ PREPROCESSING_VERSION = 2
 
 # Ink is anything darker than this on the 0–255 grey scale after compositing onto white.
 INK_THRESHOLD = 200
+# A page (larger than a bitmap) whose border reads darker than this, as a photographed sheet of paper
+# does, is flattened to white before ink is looked for. Canvases, white scans and QuickDraw's bitmaps
+# (whose ink can cover most of their border) are left exactly as they were: version 2 holds (tested).
+PAPER_WHITE = 235
 # White border around the ink, as a fraction of its longer side: about what QuickDraw bitmaps leave.
 SKETCH_MARGIN = 0.08
 # Canvas strokes are redrawn at this width (in raster pixels) at WORK_SCALE × the raster's resolution:
@@ -175,14 +179,17 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
     """Any drawing → black ink on white, cropped to its ink, padded square, rastered at ``raster`` px.
 
     A thin-lined 400 px browser canvas and a 28 px QuickDraw bitmap come out alike: ink is found
-    on the composited grey image, light-on-dark drawings are inverted, and the box filter turns
-    thin strokes into the soft, thick lines of the bitmaps the model learnt from.
+    on the composited grey image, light-on-dark drawings are inverted, a photographed page's grey
+    paper is flattened to white, and the box filter turns thin strokes into the soft, thick lines
+    of the bitmaps the model learnt from.
     """
     name = _describe(source)
     grey = np.asarray(composite_on_white(open_image(source, **limits)).convert("L"), dtype=np.uint8)
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
     if np.median(border) < 128:  # white (or coloured) ink on a dark board
-        grey = 255 - grey
+        grey, border = 255 - grey, 255 - border
+    if max(grey.shape) > 2 * raster and np.median(border) < PAPER_WHITE:  # a photographed page
+        grey = flatten_paper(grey)
     ink = grey < INK_THRESHOLD
     if not ink.any():
         raise EmptySketchError(name, "the sketch is empty (no ink found)")
@@ -197,6 +204,23 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
     if side > 2 * raster:  # a canvas or a scan, not a bitmap: give its strokes the bitmaps' width
         square = _restroke(square, raster)
     return Image.fromarray(square).resize((raster, raster), Image.Resampling.BOX)
+
+
+def flatten_paper(grey: np.ndarray) -> np.ndarray:
+    """Divide out the light falling on a photographed page, so that its paper reads white and its
+    ink stays as dark against it as it was.
+
+    The paper's brightness is the brightest pixel nearby (a grey closing, over about 8 % of the
+    page, wider than any pen line), smoothed; a coarse copy of the page keeps that cheap.
+    """
+    height, width = grey.shape
+    scale = 64 / max(height, width)
+    coarse = Image.fromarray(grey).resize(
+        (max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BOX
+    )
+    paper = coarse.filter(ImageFilter.MaxFilter(5)).filter(ImageFilter.GaussianBlur(2))
+    paper = np.asarray(paper.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+    return np.clip(grey * (255.0 / np.maximum(paper, 1.0)), 0, 255).astype(np.uint8)
 
 
 def stroke_width(ink: np.ndarray) -> float:
