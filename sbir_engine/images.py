@@ -210,8 +210,8 @@ def flatten_paper(grey: np.ndarray) -> np.ndarray:
     """Divide out the light falling on a photographed page, so that its paper reads white and its
     ink stays as dark against it as it was.
 
-    The paper's brightness is the brightest pixel nearby (a grey closing, over about 8 % of the
-    page, wider than any pen line), smoothed; a coarse copy of the page keeps that cheap.
+    The paper's brightness is the brightest pixel nearby (a grey-level dilation over about 8 % of the
+    page, wider than a pen's line), smoothed; a coarse copy of the page keeps that cheap.
     """
     height, width = grey.shape
     scale = 64 / max(height, width)
