@@ -179,16 +179,18 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
     """Any drawing → black ink on white, cropped to its ink, padded square, rastered at ``raster`` px.
 
     A thin-lined 400 px browser canvas and a 28 px QuickDraw bitmap come out alike: ink is found
-    on the composited grey image, light-on-dark drawings are inverted, a photographed page's grey
-    paper is flattened to white, and the box filter turns thin strokes into the soft, thick lines
-    of the bitmaps the model learnt from.
+    on the composited grey image, a photographed page is cut out of its desk and its grey paper
+    flattened to white, light-on-dark drawings are inverted, and the box filter turns thin strokes
+    into the soft, thick lines of the bitmaps the model learnt from.
     """
     name = _describe(source)
     grey = np.asarray(composite_on_white(open_image(source, **limits)).convert("L"), dtype=np.uint8)
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    if np.median(border) < 128:  # white (or coloured) ink on a dark board
-        grey, border = 255 - grey, 255 - border
-    if max(grey.shape) > 2 * raster and np.median(border) < PAPER_WHITE:  # a photographed page
+    page = max(grey.shape) > 2 * raster  # a canvas, scan or photo, not a bitmap
+    if page and np.median(_border(grey)) < 128:  # a dark surround: a page on a desk, or a board
+        grey = crop_to_page(grey)
+    if np.median(_border(grey)) < 128:  # white (or coloured) ink on a dark board
+        grey = 255 - grey
+    if page and np.median(_border(grey)) < PAPER_WHITE:  # a photographed page
         grey = flatten_paper(grey)
     ink = grey < INK_THRESHOLD
     if not ink.any():
@@ -204,6 +206,38 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
     if side > 2 * raster:  # a canvas or a scan, not a bitmap: give its strokes the bitmaps' width
         square = _restroke(square, raster)
     return Image.fromarray(square).resize((raster, raster), Image.Resampling.BOX)
+
+
+def _border(grey: np.ndarray) -> np.ndarray:
+    return np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+
+
+def crop_to_page(grey: np.ndarray) -> np.ndarray:
+    """A page photographed on a darker surface, cut out: the rows and columns that are mostly
+    page (lighter than midway between the surface and the paper), less a 2 % inset for its edge.
+
+    Light strokes on a dark board must stay as they are, so the cut-out counts as a page only
+    when it is as paper is: a sixth of the frame at least, 85 % light (the ink is the rest) and
+    light all round its border (95 %). Thick chalk lines make light regions, never all of that.
+    """
+    level = (float(np.median(_border(grey))) + float(np.percentile(grey, 90))) / 2
+    light = grey > level
+    if light.mean() < 0.15:
+        return grey
+    by_row, by_col = light.mean(axis=1), light.mean(axis=0)
+    rows = np.flatnonzero(by_row > by_row.max() / 2)
+    cols = np.flatnonzero(by_col > by_col.max() / 2)
+    inset = round(0.02 * max(grey.shape))
+    top, bottom, left, right = rows[0] + inset, rows[-1] + 1 - inset, cols[0] + inset, cols[-1] + 1 - inset
+    if bottom <= top or right <= left:
+        return grey
+    page = grey[top:bottom, left:right]
+    paper_like = (
+        page.size >= 0.15 * grey.size
+        and (page > level).mean() >= 0.85
+        and (_border(page) > level).mean() >= 0.95
+    )
+    return page if paper_like else grey
 
 
 def flatten_paper(grey: np.ndarray) -> np.ndarray:

