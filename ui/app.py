@@ -140,7 +140,10 @@ def sketch_inputs(engine: SketchEngine, stroke_width: int) -> tuple[object | Non
             type=[ext.lstrip(".") for ext in IMAGE_EXTENSIONS],
             max_upload_size=max_mb,
             key="upload",
-            help="Dark lines on a light background (or the reverse); any size up to the limits.",
+            help=(
+                "Dark lines on a light background (or the reverse), a scan, or a phone photo of a "
+                "drawing on paper; any size up to the limits."
+            ),
         )
         if upload is not None:
             if drawing is not None:
