@@ -185,12 +185,12 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
     """
     name = _describe(source)
     grey = np.asarray(composite_on_white(open_image(source, **limits)).convert("L"), dtype=np.uint8)
-    page = max(grey.shape) > 2 * raster  # a canvas, scan or photo, not a bitmap
-    if page and np.median(_border(grey)) < 128:  # a dark surround: a page on a desk, or a board
+    larger_than_bitmap = max(grey.shape) > 2 * raster  # a canvas, scan or photo
+    if larger_than_bitmap and np.median(_border(grey)) < 128:  # a dark surround: a page on a desk, or a board
         grey = crop_to_page(grey)
     if np.median(_border(grey)) < 128:  # white (or coloured) ink on a dark board
         grey = 255 - grey
-    if page and np.median(_border(grey)) < PAPER_WHITE:  # a photographed page
+    if larger_than_bitmap and np.median(_border(grey)) < PAPER_WHITE:  # a photographed page
         grey = flatten_paper(grey)
     ink = grey < INK_THRESHOLD
     if not ink.any():
@@ -217,8 +217,8 @@ def crop_to_page(grey: np.ndarray) -> np.ndarray:
     page (lighter than midway between the surface and the paper), less a 2 % inset for its edge.
 
     Light strokes on a dark board must stay as they are, so the cut-out counts as a page only
-    when it is as paper is: a sixth of the frame at least, 85 % light (the ink is the rest) and
-    light all round its border (95 %). Thick chalk lines make light regions, never all of that.
+    when it is as paper is: 15 % of the frame at least, 85 % light (the ink is the rest) and light
+    all round its border (95 %). Chalk strokes up to 6 % of the board's width did none of that.
     """
     level = (float(np.median(_border(grey))) + float(np.percentile(grey, 90))) / 2
     light = grey > level
