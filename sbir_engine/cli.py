@@ -134,6 +134,7 @@ def query(
     """
     from .engine import SketchEngine
     from .images import ImageError
+    from .index import GalleryIndex
 
     if save_input is not None and len(sketches) > 1:
         fail(f"--save-input writes one file: give it one sketch, not {len(sketches)}")
@@ -146,6 +147,13 @@ def query(
             engine = load_engine(uri, collection)
     except _index_errors() as err:
         fail(str(err))
+    if label and isinstance(engine.index, GalleryIndex):  # a typo would just give no neighbours
+        known = sorted({e.label for e in engine.index.entries.values() if e.label})
+        for name in sorted(set(label) - set(known)):
+            typer.echo(
+                f"note: no image in the index has the label {name!r} (its labels: {', '.join(known)})",
+                err=True,
+            )
     several, failed = len(sketches) > 1, 0
     for sketch in sketches:
         try:

@@ -159,3 +159,7 @@ def test_cli_query_answers_several_sketches_and_skips_one_it_cannot_read(
     assert text.stdout.count("class: ") == 2
     refused = runner.invoke(app, [*args[:3], "--save-input", str(tmp_path / "given.png")])
     assert refused.exit_code == 1 and "give it one sketch" in refused.output
+    # A label filter that names no image of the index (a typo) says so instead of answering nothing.
+    typo = runner.invoke(app, ["query", str(sketches[0]), "--index", str(small_index), "--label", "umbrela"])
+    assert typo.exit_code == 0 and "no image in the index has the label 'umbrela'" in typo.stderr
+    assert "umbrella" in typo.stderr and "class: " in typo.stdout
