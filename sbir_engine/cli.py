@@ -166,7 +166,7 @@ def query(
             fail(str(err))
         if save_input is not None:
             try:
-                engine.embedder.normalize_sketch(sketch).save(save_input, "PNG")
+                result.sketch.save(save_input, "PNG")
             except OSError as err:
                 fail(f"{save_input}: cannot write the model's input ({err.strerror or err})")
         answer = result.to_dict()

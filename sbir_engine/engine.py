@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .embed import Embedder
-from .images import PREPROCESSING_VERSION, ImageSource
+from .images import PREPROCESSING_VERSION, ImageSource, resize_to_array
 from .index import GalleryIndex, current_version
 from .model import load_model
 
@@ -33,6 +34,8 @@ class QueryResult:
     probabilities: dict[str, float]
     neighbours: list[Neighbour]
     timings_ms: dict[str, float] = field(default_factory=dict, compare=False)
+    # The query after the sketch normaliser (the raster before resizing): what the network was given.
+    sketch: Image.Image | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
         return {
@@ -123,7 +126,9 @@ class SketchEngine:
     ) -> QueryResult:
         """Classify a sketch and find its k nearest gallery images."""
         t0 = time.perf_counter()
-        image = self.embedder.load_sketch(sketch)
+        # Embedder.load_sketch in two steps, so that the result can show the normalised sketch.
+        normalised = self.embedder.normalize_sketch(sketch)
+        image = resize_to_array(normalised, self.config.image_size)
         t1 = time.perf_counter()
         vectors, probabilities = self.embedder(image[None])
         t2 = time.perf_counter()
@@ -135,7 +140,7 @@ class SketchEngine:
         t3 = time.perf_counter()
         timings = {"decode": (t1 - t0) * 1e3, "network": (t2 - t1) * 1e3, "search": (t3 - t2) * 1e3}
         timings["total"] = (t3 - t0) * 1e3
-        return QueryResult(label, probs, neighbours, timings)
+        return QueryResult(label, probs, neighbours, timings, normalised)
 
     def _ranked(
         self,

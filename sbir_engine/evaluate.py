@@ -28,6 +28,7 @@ from .metrics import (
     plot_confusion,
     retrieval_metrics,
     top_k_accuracy,
+    top_k_hits,
     true_class_ranks,
     wilson_interval,
 )
@@ -66,10 +67,10 @@ def evaluate(
     ranks = true_class_ranks(probabilities, label_ids)  # 0 for a class the model does not know
     counted = int(known.sum())
     for k in (1, 3):
-        hits = int(np.sum((ranks >= 1) & (ranks <= k)))
+        hits = int(np.sum(top_k_hits(ranks, k)))
         report["classification"][f"top{k}"] = hits / counted if counted else float("nan")
         report["classification"][f"top{k}_ci95"] = list(wilson_interval(hits, counted))
-    report["top3_misses"] = top3_misses(probabilities, label_ids, paths, classes)
+    report["top3_misses"] = top3_misses(probabilities, label_ids, ranks, paths, classes)
     gallery = engine.index
     gallery_labels = [gallery.entries[int(i)].label for i in gallery.ids]
     cosine = vectors @ gallery.vectors.T
@@ -121,10 +122,12 @@ def evaluate(
     return report
 
 
-def top3_misses(probabilities: np.ndarray, label_ids: np.ndarray, paths: list, classes) -> list[dict]:
-    """The queries whose class is not among the three most probable, with what the model said instead."""
+def top3_misses(
+    probabilities: np.ndarray, label_ids: np.ndarray, ranks: np.ndarray, paths: list, classes
+) -> list[dict]:
+    """The queries whose class is not among the three most probable (``ranks``, as the report's
+    top-3 counts them), with what the model said instead."""
     misses = []
-    ranks = true_class_ranks(probabilities, label_ids)  # as the report's top-3 counts them
     for path, p, label, rank in zip(paths, probabilities, label_ids, ranks, strict=True):
         top3 = np.argsort(-p)[:3]
         if rank > 3:
@@ -227,7 +230,7 @@ def compare_queries(baseline: list[dict], candidate: list[dict]) -> dict:
     rank_b = np.array([q["rank"] for q in candidate])
     result: dict = {"queries": len(rank_a)}
     for k in (1, 3):
-        hit_a, hit_b = rank_a <= k, rank_b <= k
+        hit_a, hit_b = top_k_hits(rank_a, k), top_k_hits(rank_b, k)
         only_a, only_b = int(np.sum(hit_a & ~hit_b)), int(np.sum(hit_b & ~hit_a))
         result[f"top-{k}"] = (hit_a.mean(), hit_b.mean(), only_a, only_b, mcnemar_exact(only_a, only_b))
     for name in ("AP", "AP 512-d"):

@@ -14,8 +14,13 @@ def top_k_accuracy(probabilities: np.ndarray, labels: np.ndarray, k: int) -> flo
     so that a report's top-k and its per-query ranks agree; an unknown label is a miss)."""
     if len(labels) == 0:
         return float("nan")
-    ranks = true_class_ranks(probabilities, labels)
-    return float(np.mean((ranks >= 1) & (ranks <= k)))
+    return float(np.mean(top_k_hits(true_class_ranks(probabilities, labels), k)))
+
+
+def top_k_hits(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Which rows (by ``true_class_ranks``) have their class among the k most probable."""
+    ranks = np.asarray(ranks)
+    return (ranks >= 1) & (ranks <= k)
 
 
 def true_class_ranks(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:

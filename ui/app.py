@@ -159,10 +159,9 @@ def top_classes(probabilities: dict[str, float], n: int = TOP_CLASSES) -> list[t
     return sorted(probabilities.items(), key=lambda item: -item[1])[:n]
 
 
-def model_view(engine: SketchEngine, source: object) -> Image.Image:
-    """The query after the sketch normaliser (cropped, re-stroked, 28 px): what the network is given,
-    so that a drawing it misreads can be seen as it saw it."""
-    sketch = engine.embedder.normalize_sketch(source)
+def model_view(sketch: Image.Image) -> Image.Image:
+    """The query after the sketch normaliser (cropped, re-stroked, 28 px; ``QueryResult.sketch``),
+    enlarged: what the network is given, so that a drawing it misreads can be seen as it saw it."""
     return sketch.resize((sketch.width * VIEW_ZOOM, sketch.height * VIEW_ZOOM), Image.Resampling.NEAREST)
 
 
@@ -224,7 +223,7 @@ def run_query(engine: SketchEngine, source: object, name: str, k: int, same_clas
     except Exception as err:
         st.error(f"Query failed: {type(err).__name__}: {one_line(err)}")
     else:
-        render_result(result, engine.resolve, k, model_view(engine, source))
+        render_result(result, engine.resolve, k, model_view(result.sketch))
 
 
 def main() -> None:
