@@ -175,8 +175,8 @@ def query(
             continue
         if several:
             typer.echo(str(sketch))
-        top = sorted(result.probabilities.items(), key=lambda kv: -kv[1])[:5]
-        typer.echo(f"class: {result.label}  (" + ", ".join(f"{c} {p:.2f}" for c, p in top) + ")")
+        top = ", ".join(f"{c} {p:.2f}" for c, p in result.top_classes(5))
+        typer.echo(f"class: {result.label}  ({top})")
         for rank, n in enumerate(result.neighbours, 1):
             typer.echo(f"{rank:3d}. {n.score:.3f}  {n.label or '-':12s} {n.path}  (id {n.id})")
     if failed:

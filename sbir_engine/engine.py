@@ -37,6 +37,10 @@ class QueryResult:
     # The query after the sketch normaliser (the raster before resizing): what the network was given.
     sketch: Image.Image | None = field(default=None, compare=False, repr=False)
 
+    def top_classes(self, n: int = 5) -> list[tuple[str, float]]:
+        """The n most probable classes with their probabilities, most probable first (ties in class order)."""
+        return sorted(self.probabilities.items(), key=lambda item: -item[1])[:n]
+
     def to_dict(self) -> dict:
         return {
             "label": self.label,

@@ -213,10 +213,16 @@ def test_index_dir_comes_from_args_then_env_then_default(monkeypatch, tmp_path):
     assert app.index_dir_from_args([]) == EngineConfig().index_dir
 
 
-def test_top_classes_are_the_five_most_probable():
+def test_top_classes_are_the_most_probable_first():
+    from sbir_engine.engine import QueryResult
+
     app = load_app_module()
     probabilities = {"a": 0.05, "b": 0.4, "c": 0.1, "d": 0.2, "e": 0.15, "f": 0.06, "g": 0.04}
-    assert app.top_classes(probabilities) == [("b", 0.4), ("d", 0.2), ("e", 0.15), ("c", 0.1), ("f", 0.06)]
+    result = QueryResult("b", probabilities, [])
+    expected = [("b", 0.4), ("d", 0.2), ("e", 0.15), ("c", 0.1), ("f", 0.06)]
+    assert result.top_classes(app.TOP_CLASSES) == expected
+    tied = QueryResult("x", {"x": 0.5, "y": 0.25, "z": 0.25}, [])
+    assert tied.top_classes(2) == [("x", 0.5), ("y", 0.25)]
 
 
 def _render(app_path: str, gallery: str, k: int) -> None:

@@ -154,11 +154,6 @@ def sketch_inputs(engine: SketchEngine, stroke_width: int) -> tuple[object | Non
     return None, ""
 
 
-def top_classes(probabilities: dict[str, float], n: int = TOP_CLASSES) -> list[tuple[str, float]]:
-    """The n most probable classes, most probable first (ties in class order)."""
-    return sorted(probabilities.items(), key=lambda item: -item[1])[:n]
-
-
 def model_view(sketch: Image.Image) -> Image.Image:
     """The query after the sketch normaliser (cropped, re-stroked, 28 px; ``QueryResult.sketch``),
     enlarged: what the network is given, so that a drawing it misreads can be seen as it saw it."""
@@ -184,7 +179,7 @@ def render_result(
             if total is not None:
                 st.caption(f"Query time: {total:.0f} ms")
         with chart_col:
-            top = top_classes(result.probabilities)
+            top = result.top_classes(TOP_CLASSES)
             st.bar_chart(
                 {"class": [name for name, _ in top], "probability": [p for _, p in top]},
                 x="class", y="probability", horizontal=True, sort="-probability", height=200,
