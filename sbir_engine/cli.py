@@ -134,7 +134,7 @@ def query(
     """
     from .engine import SketchEngine
     from .images import ImageError
-    from .index import GalleryIndex
+    from .index import GalleryIndex, label_counts
 
     if save_input is not None and len(sketches) > 1:
         fail(f"--save-input writes one file: give it one sketch, not {len(sketches)}")
@@ -148,7 +148,7 @@ def query(
     except _index_errors() as err:
         fail(str(err))
     if label and isinstance(engine.index, GalleryIndex):  # a typo would just give no neighbours
-        known = sorted({e.label for e in engine.index.entries.values() if e.label})
+        known = sorted(set(label_counts(engine.index.entries.values())) - {"-"})
         for name in sorted(set(label) - set(known)):
             typer.echo(
                 f"note: no image in the index has the label {name!r} (its labels: {', '.join(known)})",
@@ -466,7 +466,7 @@ def index_info(
     collection: Collection = DEFAULT_COLLECTION,
 ) -> None:
     """What an index holds, how it was built, the index type chosen and its measured recall."""
-    from .index import GalleryIndex, current_version
+    from .index import GalleryIndex, current_version, label_counts
 
     try:
         target = _target(backend, index, uri, collection)
@@ -475,9 +475,7 @@ def index_info(
     except _index_errors() as err:
         fail(str(err))
     meta = gallery.meta
-    labels: dict[str, int] = {}
-    for entry in entries:
-        labels[entry.label or "-"] = labels.get(entry.label or "-", 0) + 1
+    labels = label_counts(entries)
     if target is None:
         where = f"{index} ({current_version(index).name}, format {meta['format_version']})"
     else:

@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -99,6 +100,11 @@ class VectorStore(Protocol):
 
     def remove(self, ids: Iterable[int]) -> int:
         """Drop entries by id; returns how many were there."""
+
+
+def label_counts(entries: Iterable[Entry]) -> Counter[str]:
+    """How many entries carry each label ("-" for those without one)."""
+    return Counter(entry.label or "-" for entry in entries)
 
 
 def query_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:

@@ -161,6 +161,20 @@ def masked_contrastive_loss(temperature: float):
     return loss
 
 
+def masked_cross_entropy(label_smoothing: float = 0.0):
+    """Cross-entropy in which a row without a class (an all-zero target) neither counts nor pulls:
+    Keras' own loss reads a softmax's logits, and TensorFlow's fused gradient (softmax − target)
+    assumes targets that sum to one, so it would push such rows' logits down."""
+
+    def loss(targets, probabilities):
+        labelled = ops.sum(targets, axis=-1, keepdims=True)
+        if label_smoothing:
+            targets = targets * (1 - label_smoothing) + labelled * label_smoothing / ops.shape(targets)[-1]
+        return -ops.sum(targets * ops.log(ops.clip(probabilities, 1e-7, 1.0)), axis=-1)
+
+    return loss
+
+
 class AuxBatches(keras.utils.PyDataset):
     """Each step: ``batch`` dataset rows (shuffled each epoch, as ``fit_head`` shuffles them) and
     ``batch`` other-category drawings drawn at random; targets for the three outputs, sample weights."""
@@ -214,9 +228,9 @@ def fit_aux_head(
     trainer.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate),
         loss={
-            "probabilities": keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+            "probabilities": masked_cross_entropy(config.label_smoothing),
             "unit_embedding": masked_contrastive_loss(config.temperature),
-            "aux": keras.losses.CategoricalCrossentropy(),
+            "aux": masked_cross_entropy(),
         },
         loss_weights={"probabilities": 1.0, "unit_embedding": config.contrastive_weight, "aux": aux_weight},
         weighted_metrics={"probabilities": ["accuracy"]},
