@@ -20,7 +20,10 @@ MIRROR_BY_DEFAULT = {"efficientnet-lite2": True, "resnet50": False}
 # ../shared/data beside the checkout is where developers and CI find the real data.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# HEIC/HEIF (phone photos) decode through pillow-heif, AVIF through Pillow itself.
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

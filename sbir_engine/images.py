@@ -14,6 +14,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
+try:  # HEIC/HEIF, the format phone cameras save photos in, is a Pillow plugin of its own
+    from pillow_heif import register_heif_opener
+except ImportError:  # decoding then fails with a message that names the package
+    pass
+else:
+    register_heif_opener()
+
 ImageSource = str | Path | bytes | np.ndarray | Image.Image
 
 # Bumped whenever image decoding or the sketch normaliser changes what the network sees: it is part of
@@ -112,7 +119,7 @@ def open_image(
             limit = f"over the limit of {max_pixels:,} pixels"
             raise ImageError(name, f"image is too large to decode (decompression bomb?), {limit}") from err
         except UnidentifiedImageError as err:
-            raise ImageError(name, "not a recognised image format") from err
+            raise ImageError(name, _missing_decoder(data) or "not a recognised image format") from err
         except (OSError, SyntaxError, ValueError) as err:
             raise ImageError(name, f"image data is corrupt or truncated ({err})") from err
     width, height = image.size
@@ -124,6 +131,22 @@ def open_image(
         return ImageOps.exif_transpose(image)
     except Exception:  # a broken EXIF block should not lose an otherwise good image
         return image
+
+
+# ISO media files (HEIF, AVIF) name their format in the brand after "ftyp" (bytes 4–12).
+HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
+AVIF_BRANDS = (b"avif", b"avis")
+
+
+def _missing_decoder(data: bytes) -> str | None:
+    """Why a HEIC or AVIF file did not decode here (a decoder this installation lacks), else None."""
+    if data[4:8] != b"ftyp":
+        return None
+    if data[8:12] in AVIF_BRANDS:
+        return "an AVIF image, and this Pillow has no AVIF decoder (upgrade Pillow: recent wheels have it)"
+    if data[8:12] in HEIF_BRANDS:
+        return "a HEIC/HEIF image, and its decoder is not installed (pip install pillow-heif)"
+    return None
 
 
 def _array_to_image(array: np.ndarray, name: str) -> Image.Image:

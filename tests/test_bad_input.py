@@ -86,6 +86,13 @@ def exif_rotated(photo: Path, out: Path, orientation: int) -> Image.Image:
     return stored.transpose(turn)
 
 
+def middle_of(photo: Path) -> Image.Image:
+    """The 64×40 middle of a photo (the cup photos' corners are white background)."""
+    image = Image.open(photo).convert("RGB")
+    left, top = image.width // 2 - 32, image.height // 2 - 20
+    return image.crop((left, top, left + 64, top + 40))
+
+
 def make_corpus(root: Path, small_photos: Path) -> Corpus:
     corpus = Corpus(root)
     for label in ("airplane", "cat", "cup", "fish", "umbrella"):
@@ -115,6 +122,11 @@ def make_corpus(root: Path, small_photos: Path) -> Corpus:
     exif_rotated(airplane[1], good("airplane/rotated8.jpg"), 8)
     frames = [Image.open(p).convert("RGB") for p in cat]
     frames[0].save(good("cat/animated.gif"), save_all=True, append_images=frames[1:], duration=100, loop=0)
+    # A phone's HEIC photo, turned by its EXIF tag as phones store portrait shots, and an AVIF.
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6
+    middle_of(cup[1]).save(good("cup/IMG_0001.HEIC"), "HEIF", exif=exif.tobytes())
+    Image.open(cup[2]).convert("RGB").save(good("cup/cup.avif"), "AVIF", quality=90)
 
     data = cat[1].read_bytes()
     (root / "cat/empty.jpg").write_bytes(b"")
@@ -159,12 +171,14 @@ def test_the_corpus_is_what_it_claims(corpus):
     assert Image.open(root / "umbrella/rgba.png").mode == "RGBA"
     assert Image.open(root / "cat/animated.gif").n_frames == 3
     assert Image.open(root / "airplane/rotated6.jpg").getexif()[ORIENTATION] == 6
+    assert (root / "cup/IMG_0001.HEIC").read_bytes()[4:12] == b"ftypheic"
+    assert (root / "cup/cup.avif").read_bytes()[4:12] == b"ftypavif"
     assert stat.S_ISFIFO(os.lstat(root / "fish/pipe.jpg").st_mode)
     assert (root / "cat/loop/cat/loop/cat").is_dir()  # a real loop
     assert not (root / "fish/dangling.jpg").exists()
 
 
-def test_odd_but_valid_images_decode(corpus):
+def test_odd_but_valid_images_decode(corpus, small_photos):
     for relative in corpus.good:
         array = load_rgb(corpus.root / relative, 180)
         assert array.shape == (180, 180, 3) and array.dtype == np.float32, relative
@@ -178,10 +192,29 @@ def test_odd_but_valid_images_decode(corpus):
         turn = {6: Image.Transpose.ROTATE_270, 8: Image.Transpose.ROTATE_90}[orientation]
         upright = Image.open(path).transpose(turn)
         np.testing.assert_array_equal(np.asarray(decoded), np.asarray(upright))
+    # HEIC and AVIF decode to their photos (within the codecs' loss), the HEIC upright.
+    cup = photos(small_photos, "cup", 3, 5)  # the corpus's sources
+    heic = np.asarray(open_image(corpus.root / "cup/IMG_0001.HEIC"), np.float32)
+    upright = middle_of(cup[1]).transpose(Image.Transpose.ROTATE_270)
+    assert heic.shape == (64, 40, 3) and np.abs(heic - np.asarray(upright, np.float32)).mean() < 8
+    avif = np.asarray(open_image(corpus.root / "cup/cup.avif"), np.float32)
+    assert np.abs(avif - np.asarray(Image.open(cup[2]).convert("RGB"), np.float32)).mean() < 8
     # Transparency is paper: the transparent top of the RGBA photo comes out white.
     rgba = open_image(corpus.root / "umbrella/rgba.png")
     assert rgba.getpixel((10, 0))[3] == 0
     assert (load_rgb(rgba, 64)[0] == 255).all()
+
+
+def test_a_missing_heic_or_avif_decoder_is_named(corpus, monkeypatch):
+    """Without pillow-heif (or with a Pillow that lacks AVIF) such a photo is a named error saying what
+    to install, not 'not a recognised image format'."""
+    Image.init()
+    monkeypatch.setattr(Image, "ID", [name for name in Image.ID if name not in ("HEIF", "AVIF")])
+    reasons = {"cup/IMG_0001.HEIC": "pip install pillow-heif", "cup/cup.avif": "no AVIF decoder"}
+    for relative, reason in reasons.items():
+        with pytest.raises(ImageError, match=re.escape(reason)) as caught:
+            open_image(corpus.root / relative)
+        assert str(caught.value).startswith(str(corpus.root / relative))
 
 
 @pytest.mark.parametrize("relative", sorted(BAD_REASONS))
@@ -196,7 +229,7 @@ def test_each_bad_file_is_a_named_image_error(corpus, relative):
 
 def test_build_index_indexes_every_good_image_and_names_every_bad_one(built, corpus, embedder):
     report, index_dir = built
-    assert report.total == report.added == len(corpus.good) == 20
+    assert report.total == report.added == len(corpus.good) == 22
     assert dict(report.failed).keys() == corpus.bad.keys()
     for relative, reason in report.failed:
         assert re.search(corpus.bad[relative], reason), (relative, reason)
@@ -212,7 +245,7 @@ def test_build_index_indexes_every_good_image_and_names_every_bad_one(built, cor
         assert f"failed {relative}: {reason}" in log.splitlines()
     for relative in corpus.ignored:
         assert relative not in summary and relative not in log
-    assert "20 images indexed" in log and "6 failed" in log
+    assert "22 images indexed" in log and "6 failed" in log
 
     # The EXIF-rotated photo was embedded upright: its vector is the upright image's, not the stored one's.
     by_path = {e.path: e.id for e in index.entries.values()}
@@ -378,7 +411,7 @@ def test_cli_refuses_mismatched_or_damaged_indexes_in_one_line(built, corpus, sm
         ),
         "dimension": (dict(dim=256), r"embedding dimension mismatch"),
         "format": (dict(format_version=99), r"written in index format 99, newer than this sbir-engine reads"),
-        "manifest": (None, r"the manifest does not match the index \(19 manifest entries"),
+        "manifest": (None, rf"the manifest does not match the index \({len(corpus.good) - 1} manifest entries"),
         "pointer": (None, r"CURRENT names v\d+, which is missing"),
     }
     for name, (changes, pattern) in cases.items():
