@@ -178,7 +178,8 @@ def query(
         top = ", ".join(f"{c} {p:.2f}" for c, p in result.top_classes(5))
         typer.echo(f"class: {result.label}  ({top})")
         for rank, n in enumerate(result.neighbours, 1):
-            typer.echo(f"{rank:3d}. {n.score:.3f}  {n.label or '-':12s} {n.path}  (id {n.id})")
+            copies = f"  same file as {', '.join(n.duplicates)}" if n.duplicates else ""
+            typer.echo(f"{rank:3d}. {n.score:.3f}  {n.label or '-':12s} {n.path}  (id {n.id}){copies}")
     if failed:
         raise typer.Exit(1)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,9 @@ from .embed import Embedder
 from .images import PREPROCESSING_VERSION, ImageSource, resize_to_array
 from .index import GalleryIndex, current_version
 from .model import load_model
+
+# The deepest search a query makes to find k distinct results (Milvus' largest top-k).
+MAX_SEARCH_DEPTH = 16_384
 
 
 class ModelMismatchError(RuntimeError):
@@ -26,6 +29,8 @@ class Neighbour:
     path: str
     label: str | None
     score: float
+    # Other gallery files with the same content (sha256): one result, not a row of copies.
+    duplicates: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -154,17 +159,25 @@ class SketchEngine:
         k: int,
         labels: list[str] | None,
     ) -> list[Neighbour]:
-        """The k best by the engine's score: cosine, re-ranked with class probabilities (see fused_scores)."""
+        """The k best by the engine's score: cosine, re-ranked with class probabilities (see fused_scores).
+
+        Files with the same content come back as one result that names the others; the search
+        deepens until k distinct results are found or the index has no more.
+        """
         weight = self.config.rerank_weight
         depth = k if weight == 0 else max(k, self.config.rerank_candidates)
-        scores, ids = index.search(vector[None], depth, labels)
-        scores, ids = scores[0][ids[0] >= 0], ids[0][ids[0] >= 0]
-        if weight:
-            rows = [index.rows[int(i)] for i in ids]
-            scores = fused_scores(scores, probabilities, index.probabilities[rows], weight)
-            order = np.argsort(-scores, kind="stable")[:k]
-            scores, ids = scores[order], ids[order]
-        return self._neighbours(index, scores, ids)
+        while True:
+            scores, ids = index.search(vector[None], depth, labels)
+            scores, ids = scores[0][ids[0] >= 0], ids[0][ids[0] >= 0]
+            if weight:
+                rows = [index.rows[int(i)] for i in ids]
+                scores = fused_scores(scores, probabilities, index.probabilities[rows], weight)
+                order = np.argsort(-scores, kind="stable")
+                scores, ids = scores[order], ids[order]
+            neighbours = collapse_duplicates(index, scores, ids)
+            if len(neighbours) >= k or len(ids) < depth or depth >= min(len(index), MAX_SEARCH_DEPTH):
+                return neighbours[:k]
+            depth = min(2 * depth, MAX_SEARCH_DEPTH)
 
     def resolve(self, neighbour: Neighbour) -> Path:
         """The gallery file of a result."""
@@ -179,6 +192,22 @@ class SketchEngine:
             entry = index.entries[int(entry_id)]
             out.append(Neighbour(int(entry_id), entry.path, entry.label, float(score)))
         return out
+
+
+def collapse_duplicates(index: GalleryIndex, scores: np.ndarray, ids: np.ndarray) -> list[Neighbour]:
+    """Ranked entries as results, each file content once: a copy (same sha256) joins the best-ranked
+    one's ``duplicates``. Copies have the same vector, so they rank side by side."""
+    first: dict[str, int] = {}  # sha256 -> position in out
+    out: list[Neighbour] = []
+    for score, entry_id in zip(scores, ids, strict=True):
+        entry = index.entries[int(entry_id)]
+        if entry.sha256 in first:
+            kept = out[first[entry.sha256]]
+            out[first[entry.sha256]] = replace(kept, duplicates=(*kept.duplicates, entry.path))
+            continue
+        first[entry.sha256] = len(out)
+        out.append(Neighbour(int(entry_id), entry.path, entry.label, float(score)))
+    return out
 
 
 def fused_scores(

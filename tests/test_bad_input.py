@@ -411,7 +411,7 @@ def test_cli_refuses_mismatched_or_damaged_indexes_in_one_line(built, corpus, sm
         ),
         "dimension": (dict(dim=256), r"embedding dimension mismatch"),
         "format": (dict(format_version=99), r"written in index format 99, newer than this sbir-engine reads"),
-        "manifest": (None, rf"the manifest does not match the index \({len(corpus.good) - 1} manifest entries"),
+        "manifest": (None, rf"manifest does not match the index \({len(corpus.good) - 1} manifest entries"),
         "pointer": (None, r"CURRENT names v\d+, which is missing"),
     }
     for name, (changes, pattern) in cases.items():

@@ -59,6 +59,39 @@ def test_same_class_and_label_filters(engine, umbrella_canvases):
     assert len(only_fish.neighbours) == 5 and {n.label for n in only_fish.neighbours} <= {"fish", "cup"}
 
 
+def test_copies_of_a_file_are_one_result(engine, small_run, small_gallery, umbrella_canvases, tmp_path):
+    """A gallery holding the same photo three times answers with it once, naming the copies, and
+    still gives k distinct results: the rest of the answer is the answer without the copies."""
+    alone = engine.query(umbrella_canvases[0], k=6)
+    top = alone.neighbours[0].path
+    gallery = tmp_path / "gallery"
+    shutil.copytree(small_gallery, gallery)
+    suffix = (gallery / top).suffix
+    copies = sorted([f"{top.split('/')[0]}/copy of it{suffix}", f"elsewhere/again{suffix}"])
+    for copy in copies:
+        (gallery / copy).parent.mkdir(exist_ok=True)
+        shutil.copyfile(gallery / top, gallery / copy)
+    report = build_index(small_run, gallery, tmp_path / "index")
+    assert "2 files repeat another file's content (same sha256)" in report.summary()
+    doubled = SketchEngine.load(tmp_path / "index")
+    assert len(doubled.index) == len(engine.index) + 2
+    result = doubled.query(umbrella_canvases[0], k=6)
+    assert [n.path for n in result.neighbours] == [n.path for n in alone.neighbours]
+    assert sorted(result.neighbours[0].duplicates) == copies
+    assert all(not n.duplicates for n in result.neighbours[1:])
+    scores = [n.score for n in alone.neighbours]
+    assert [n.score for n in result.neighbours] == pytest.approx(scores, abs=1e-5)
+    # The raw nearest-neighbour API keeps every entry: the three copies side by side.
+    raw = doubled.search(doubled.embed(umbrella_canvases[0]), k=3)[0]
+    assert raw[0].score == pytest.approx(raw[2].score, abs=1e-6)
+    sketch = tmp_path / "umbrella.png"
+    umbrella_canvases[0].save(sketch)
+    result = CliRunner().invoke(app, ["query", str(sketch), "--index", str(tmp_path / "index"), "-k", "2"])
+    assert result.exit_code == 0, result.output
+    first = result.stdout.splitlines()[1]
+    assert f"{top}  (id " in first and "same file as " in first and all(copy in first for copy in copies)
+
+
 def test_search_api_matches_exact_cosine(engine):
     vectors = engine.index.vectors[:3]
     neighbours = engine.search(vectors, k=4)
@@ -122,7 +155,7 @@ def test_cli_query_json_and_index_info(small_index, umbrella_canvases, tmp_path)
         assert (np.asarray(image) < 128).mean() > 0.05
     assert set(answer) == {"label", "probabilities", "neighbours"}
     assert len(answer["neighbours"]) == 3
-    assert set(answer["neighbours"][0]) == {"id", "path", "label", "score"}
+    assert set(answer["neighbours"][0]) == {"id", "path", "label", "score", "duplicates"}
     info = runner.invoke(app, ["index", "info", "--index", str(small_index)])
     assert info.exit_code == 0 and "Flat" in info.stdout
     bad = runner.invoke(app, ["query", str(tmp_path / "missing.png"), "--index", str(small_index)])

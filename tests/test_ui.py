@@ -237,7 +237,11 @@ def _render(app_path: str, gallery: str, k: int) -> None:
     result = QueryResult(
         label="cat",
         probabilities={"cat": 0.7, "fish": 0.2, "cup": 0.1},
-        neighbours=[Neighbour(3, "cat/a.png", "cat", 0.9123), Neighbour(8, "cat/gone.png", None, 0.5)],
+        neighbours=[
+            Neighbour(3, "cat/a.png", "cat", 0.9123),
+            Neighbour(8, "cat/gone.png", None, 0.5),
+            Neighbour(9, "cat/b.png", "cat", 0.4, duplicates=("cat/b copy.png", "old/b.png")),
+        ],
         timings_ms={"total": 12.4},
     )
     app.render_result(result, lambda n: Path(gallery) / n.path, k)
@@ -246,10 +250,11 @@ def _render(app_path: str, gallery: str, k: int) -> None:
 def test_render_result_marks_missing_files_and_short_lists(tmp_path):
     (tmp_path / "cat").mkdir()
     Image.new("RGB", (32, 32), "white").save(tmp_path / "cat" / "a.png")
+    Image.new("RGB", (32, 32), "grey").save(tmp_path / "cat" / "b.png")
     at = AppTest.from_function(_render, args=(str(APP), str(tmp_path), 10), default_timeout=TIMEOUT).run()
     assert not at.exception
     assert [md.value for md in at.markdown][:2] == ["Predicted class: **cat**", "Probability: **70.0%**"]
     assert "Query time: 12 ms" in [c.value for c in at.caption]
-    assert "2 of 10 results: the index holds no more that match." in [c.value for c in at.caption]
-    assert result_captions(at) == ["cat · 0.912"]
+    assert "3 of 10 results: the index holds no more that match." in [c.value for c in at.caption]
+    assert result_captions(at) == ["cat · 0.912", "cat · 0.400 · 2 more copies in the gallery"]
     assert len(at.warning) == 1 and "— · 0.500: gallery file cat/gone.png is missing" in at.warning[0].value

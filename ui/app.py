@@ -197,6 +197,9 @@ def render_result(
             for column, neighbour in zip(columns, neighbours[start : start + GRID_COLUMNS], strict=False):
                 with column:
                     caption = f"{neighbour.label or '—'} · {neighbour.score:.3f}"
+                    if neighbour.duplicates:  # the same file elsewhere in the gallery: shown once
+                        copies = len(neighbour.duplicates)
+                        caption += f" · {copies} more cop{'y' if copies == 1 else 'ies'} in the gallery"
                     path = resolve(neighbour)
                     if path.is_file():
                         st.image(str(path), caption=caption, width="stretch")
