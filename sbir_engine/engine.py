@@ -174,9 +174,9 @@ class SketchEngine:
                 scores = fused_scores(scores, probabilities, index.probabilities[rows], weight)
                 order = np.argsort(-scores, kind="stable")
                 scores, ids = scores[order], ids[order]
-            neighbours = collapse_duplicates(index, scores, ids)
-            if len(neighbours) >= k or len(ids) < depth or depth >= min(len(index), MAX_SEARCH_DEPTH):
-                return neighbours[:k]
+            neighbours = collapse_duplicates(index, scores, ids, k)
+            if len(neighbours) == k or len(ids) < depth or depth >= min(len(index), MAX_SEARCH_DEPTH):
+                return neighbours
             depth = min(2 * depth, MAX_SEARCH_DEPTH)
 
     def resolve(self, neighbour: Neighbour) -> Path:
@@ -194,13 +194,15 @@ class SketchEngine:
         return out
 
 
-def collapse_duplicates(index: GalleryIndex, scores: np.ndarray, ids: np.ndarray) -> list[Neighbour]:
-    """Ranked entries as results, each file content once: a copy (same sha256) joins the best-ranked
+def collapse_duplicates(index: GalleryIndex, scores: np.ndarray, ids: np.ndarray, k: int) -> list[Neighbour]:
+    """The first k distinct results of ranked entries: a copy (same sha256) joins the best-ranked
     one's ``duplicates``. Copies have the same vector, so they rank side by side."""
     first: dict[str, int] = {}  # sha256 -> position in out
     out: list[Neighbour] = []
     for score, entry_id in zip(scores, ids, strict=True):
         entry = index.entries[int(entry_id)]
+        if entry.sha256 not in first and len(out) == k:
+            break  # the k-th result's copies, right behind it, are in
         if entry.sha256 in first:
             kept = out[first[entry.sha256]]
             out[first[entry.sha256]] = replace(kept, duplicates=(*kept.duplicates, entry.path))
