@@ -124,6 +124,10 @@ def query(
         Path,
         typer.Option(help="Also write the sketch as the model is given it: the sketch normaliser's PNG."),
     ] = None,
+    photo: Annotated[
+        bool,
+        typer.Option(help="The queries are photos: embedded as gallery images are, not as drawings."),
+    ] = False,
     backend: Backend = "faiss",
     uri: MilvusUri = "",
     collection: Collection = DEFAULT_COLLECTION,
@@ -138,6 +142,8 @@ def query(
 
     if save_input is not None and len(sketches) > 1:
         fail(f"--save-input writes one file: give it one sketch, not {len(sketches)}")
+    if save_input is not None and photo:
+        fail("--save-input writes the sketch normaliser's output, which a --photo query does not use")
     try:
         if _target(backend, index, uri, collection) is None:
             engine = SketchEngine.load(index)
@@ -157,7 +163,7 @@ def query(
     several, failed = len(sketches) > 1, 0
     for sketch in sketches:
         try:
-            result = engine.query(sketch, k=k, same_class=same_class, labels=label or None)
+            result = engine.query(sketch, k=k, same_class=same_class, labels=label or None, photo=photo)
         except ImageError as err:  # one bad file of several: say which, answer the rest
             report_error(str(err))
             failed += 1

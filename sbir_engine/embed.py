@@ -114,8 +114,8 @@ class Embedder:
         embeddings, probabilities = self._runtime(images)
         return l2_normalize(embeddings), np.asarray(probabilities, dtype=np.float32)
 
-    def load_image(self, path: Path) -> np.ndarray:
-        return load_rgb(path, self.config.image_size, **self.limits)
+    def load_image(self, source: ImageSource) -> np.ndarray:
+        return load_rgb(source, self.config.image_size, **self.limits)
 
     def load_sketch(self, source: ImageSource) -> np.ndarray:
         return load_sketch(source, self.config.image_size, self.config.sketch_raster, **self.limits)

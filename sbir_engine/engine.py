@@ -131,13 +131,24 @@ class SketchEngine:
         return [self._neighbours(index, s, i) for s, i in zip(scores, ids, strict=True)]
 
     def query(
-        self, sketch: ImageSource, k: int = 10, same_class: bool = False, labels: list[str] | None = None
+        self,
+        sketch: ImageSource,
+        k: int = 10,
+        same_class: bool = False,
+        labels: list[str] | None = None,
+        photo: bool = False,
     ) -> QueryResult:
-        """Classify a sketch and find its k nearest gallery images."""
+        """Classify a sketch and find its k nearest gallery images.
+
+        With ``photo`` the query is a picture to be taken as it is (a photo: "more like this"),
+        embedded as the gallery's images are, without the sketch normaliser.
+        """
         t0 = time.perf_counter()
-        # Embedder.load_sketch in two steps, so that the result can show the normalised sketch.
-        normalised = self.embedder.normalize_sketch(sketch)
-        image = resize_to_array(normalised, self.config.image_size)
+        if photo:
+            normalised, image = None, self.embedder.load_image(sketch)
+        else:  # Embedder.load_sketch in two steps, so that the result can show the normalised sketch
+            normalised = self.embedder.normalize_sketch(sketch)
+            image = resize_to_array(normalised, self.config.image_size)
         t1 = time.perf_counter()
         vectors, probabilities = self.embedder(image[None])
         t2 = time.perf_counter()

@@ -92,6 +92,31 @@ def test_copies_of_a_file_are_one_result(engine, small_run, small_gallery, umbre
     assert f"{top}  (id " in first and "same file as " in first and all(copy in first for copy in copies)
 
 
+def test_a_photo_query_is_embedded_as_the_gallery_is(engine, small_index, small_gallery, tmp_path):
+    """A gallery photo given as a photo gets the probabilities stored for it and finds itself first;
+    given as a sketch, the normaliser makes another picture of it."""
+    index = engine.index
+    photos = sorted(e.path for e in index.entries.values() if "/photo_" in e.path)[::7][:4]
+    assert len(photos) == 4
+    changed = 0
+    for path in photos:
+        result = engine.query(small_gallery / path, k=3, photo=True)
+        assert result.neighbours[0].path == path and result.sketch is None
+        entry = next(e for e in index.entries.values() if e.path == path)
+        stored = index.probabilities[index.rows[entry.id]]
+        np.testing.assert_allclose([result.probabilities[c] for c in engine.classes], stored, atol=1e-4)
+        as_sketch = engine.query(small_gallery / path, k=3)
+        changed += not np.allclose([as_sketch.probabilities[c] for c in engine.classes], stored, atol=1e-2)
+    assert changed == len(photos)
+    runner = CliRunner()
+    query = ["query", str(small_gallery / photos[0]), "--index", str(small_index), "--photo"]
+    answer = runner.invoke(app, [*query, "--json", "-k", "1"])
+    assert answer.exit_code == 0, answer.output
+    assert json.loads(answer.stdout.strip().splitlines()[-1])["neighbours"][0]["path"] == photos[0]
+    refused = runner.invoke(app, [*query, "--save-input", str(tmp_path / "seen.png")])
+    assert refused.exit_code != 0 and "--photo query does not use" in refused.output
+
+
 def test_search_api_matches_exact_cosine(engine):
     vectors = engine.index.vectors[:3]
     neighbours = engine.search(vectors, k=4)

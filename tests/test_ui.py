@@ -171,6 +171,19 @@ def test_k_and_only_the_predicted_class(monkeypatch, small_index, small_dataset)
     assert all(CAPTION.match(caption).group("label") == label for caption in captions), captions
 
 
+def test_an_upload_marked_as_a_photo_skips_the_sketch_normaliser(monkeypatch, small_index, small_gallery):
+    photo = sorted((small_gallery / "cup").glob("photo_*"))[0]
+    at = page(monkeypatch, index_dir=small_index)
+    at.toggle(key="photo").set_value(True)
+    at = upload(at, photo.name, photo.read_bytes(), "image/jpeg")
+    assert not at.exception and not at.error
+    assert view_captions(at) == []  # a photo is shown to the model as it is
+    captions = result_captions(at)
+    assert len(captions) == 10
+    # The gallery holds this very photo: it comes first, at cosine 1 (re-ranked: 0.5 + 0.5 * |p|²).
+    assert float(CAPTION.match(captions[0]).group("score")) > float(CAPTION.match(captions[1]).group("score"))
+
+
 def test_unreadable_upload_shows_one_line_error(monkeypatch, small_index):
     at = upload(page(monkeypatch, index_dir=small_index), "notes.png", b"these are notes, not a picture\n")
     assert len(at.error) == 1

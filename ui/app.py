@@ -106,8 +106,9 @@ def settings() -> tuple[int, bool, int]:
     return k, same_class, stroke_width
 
 
-def sketch_inputs(engine: SketchEngine, stroke_width: int) -> tuple[object | None, str]:
-    """The query (upload first, else a non-empty drawing) and a name for it in messages."""
+def sketch_inputs(engine: SketchEngine, stroke_width: int) -> tuple[object | None, str, bool]:
+    """The query (upload first, else a non-empty drawing), a name for it in messages, and whether it
+    is a photo (an upload marked so)."""
     draw_col, upload_col = st.columns([3, 2], gap="medium")
     drawing = None
     with draw_col:
@@ -145,13 +146,19 @@ def sketch_inputs(engine: SketchEngine, stroke_width: int) -> tuple[object | Non
                 "drawing on paper; any size up to the limits."
             ),
         )
+        photo = st.toggle(
+            "It is a photo, not a drawing",
+            key="photo",
+            help="Find gallery images like this picture: it is embedded as the gallery's images are, "
+            "without the sketch normaliser.",
+        )
         if upload is not None:
             if drawing is not None:
                 st.caption("Showing results for the uploaded file; remove it to query the drawing.")
-            return upload.getvalue(), f"the uploaded file {upload.name}"
+            return upload.getvalue(), f"the uploaded file {upload.name}", photo
     if drawing is not None:
-        return drawing, "the drawing"
-    return None, ""
+        return drawing, "the drawing", False
+    return None, "", False
 
 
 def model_view(sketch: Image.Image) -> Image.Image:
@@ -207,9 +214,11 @@ def render_result(
                         st.warning(f"{caption}: gallery file {neighbour.path} is missing")
 
 
-def run_query(engine: SketchEngine, source: object, name: str, k: int, same_class: bool) -> None:
+def run_query(
+    engine: SketchEngine, source: object, name: str, k: int, same_class: bool, photo: bool = False
+) -> None:
     try:
-        result = engine.query(source, k=k, same_class=same_class)
+        result = engine.query(source, k=k, same_class=same_class, photo=photo)
     except EmptySketchError:
         st.info(HINT)
     except ImageError as err:
@@ -221,7 +230,8 @@ def run_query(engine: SketchEngine, source: object, name: str, k: int, same_clas
     except Exception as err:
         st.error(f"Query failed: {type(err).__name__}: {one_line(err)}")
     else:
-        render_result(result, engine.resolve, k, model_view(result.sketch))
+        view = model_view(result.sketch) if result.sketch is not None else None  # a photo is as given
+        render_result(result, engine.resolve, k, view)
 
 
 def main() -> None:
@@ -238,12 +248,12 @@ def main() -> None:
     st.sidebar.caption(
         f"Index: `{index_dir}` · {len(engine.index)} images · classes: {', '.join(engine.classes)}"
     )
-    source, name = sketch_inputs(engine, stroke_width)
+    source, name, photo = sketch_inputs(engine, stroke_width)
     st.divider()
     if source is None:
         st.info(HINT)
         return
-    run_query(engine, source, name, k, same_class)
+    run_query(engine, source, name, k, same_class, photo)
 
 
 if __name__ == "__main__":
