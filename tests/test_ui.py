@@ -18,6 +18,8 @@ from pathlib import Path
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from sbir_engine.index import GalleryIndex
+
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "ui" / "app.py"
 TIMEOUT = 180  # the first run imports TensorFlow and loads the model
@@ -182,6 +184,29 @@ def test_an_upload_marked_as_a_photo_skips_the_sketch_normaliser(monkeypatch, sm
     assert len(captions) == 10
     # The gallery holds this very photo: it comes first, at cosine 1 (re-ranked: 0.5 + 0.5 * |p|²).
     assert float(CAPTION.match(captions[0]).group("score")) > float(CAPTION.match(captions[1]).group("score"))
+
+
+def test_more_like_this_queries_with_a_result_and_back_returns(monkeypatch, small_index, small_dataset):
+    at = upload(page(monkeypatch, index_dir=small_index), "fish.png", sketch_bytes(small_dataset, "fish"))
+    first = result_captions(at)
+    buttons = [b for b in at.button if b.key and b.key.startswith("more_")]
+    assert len(buttons) == 10 and all(b.label == "More like this" for b in buttons)
+    chosen = GalleryIndex.load(small_index).entries[int(buttons[2].key.removeprefix("more_"))]
+    at = buttons[2].click().run()
+    assert not at.exception and not at.error
+    assert f"More like the gallery image {chosen.path}" in [c.value for c in at.caption]
+    assert view_captions(at) == []  # the gallery image is taken as it is
+    captions = result_captions(at)
+    assert len(captions) == 10 and captions != first
+    # The image itself comes first (cosine 1), ahead of every other.
+    assert [b.key for b in at.button if b.key and b.key.startswith("more_")][0] == f"more_{chosen.id}"
+    at = at.button(key="back").click().run()
+    assert result_captions(at) == first and view_captions(at) == [VIEW_CAPTION]
+    # A new query drops the choice: its own results, not the image's neighbours.
+    at = at.button(key=f"more_{chosen.id}").click().run()
+    at = upload(at, "cat.png", sketch_bytes(small_dataset, "cat"))
+    assert not any(c.value.startswith("More like the gallery image") for c in at.caption)
+    assert view_captions(at) == [VIEW_CAPTION]
 
 
 def test_unreadable_upload_shows_one_line_error(monkeypatch, small_index):

@@ -8,6 +8,7 @@ The page predicts whenever its input changes (a stroke on the canvas, an upload,
 filter): Streamlit reruns the script on every change, and a query takes well under a second once
 the model is loaded. Stable markers for tests and scripts: the text "Predicted class: **<label>**",
 result images inside the container with the CSS class ``st-key-results`` captioned "<label> · <score>",
+each with a "More like this" button (key ``more_<id>``: the gallery image becomes the query),
 the query as the network sees it (captioned ``VIEW_CAPTION``) beside the class, and the canvas
 (``st-key-canvas``) and upload box (``st-key-upload``).
 """
@@ -15,6 +16,7 @@ the query as the network sees it (captioned ``VIEW_CAPTION``) beside the class, 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import math
 import os
@@ -47,6 +49,10 @@ TOP_CLASSES = 5
 VIEW_CAPTION = "What the model sees"
 VIEW_ZOOM = 4  # the 28 px sketch shown at 112 px, its pixels kept square
 HINT = "Draw a sketch on the canvas or upload a sketch image to see its class and the nearest gallery images."
+# Session state: the gallery image whose "More like this" was pressed, and the query it was pressed
+# under; a new drawing or upload is a new query and drops it.
+MORE_LIKE = "more_like"
+QUERY_SIGNATURE = "query_signature"
 
 
 def index_dir_from_args(argv: list[str] | None = None) -> Path:
@@ -210,8 +216,25 @@ def render_result(
                     path = resolve(neighbour)
                     if path.is_file():
                         st.image(str(path), caption=caption, width="stretch")
+                        st.button(
+                            "More like this",
+                            key=f"more_{neighbour.id}",
+                            on_click=choose_more_like,
+                            args=(neighbour.path,),
+                            help="Gallery images like this one, taken as it is (no sketch normaliser).",
+                        )
                     else:
                         st.warning(f"{caption}: gallery file {neighbour.path} is missing")
+
+
+def choose_more_like(path: str) -> None:
+    st.session_state[MORE_LIKE] = (path, st.session_state.get(QUERY_SIGNATURE))
+
+
+def signature_of(source: object) -> str:
+    """A short fingerprint of a query (upload bytes or canvas pixels): has the input changed?"""
+    data = source.tobytes() if isinstance(source, np.ndarray) else bytes(source)
+    return hashlib.sha1(data).hexdigest()
 
 
 def run_query(
@@ -253,7 +276,16 @@ def main() -> None:
     if source is None:
         st.info(HINT)
         return
-    run_query(engine, source, name, k, same_class, photo)
+    signature = st.session_state[QUERY_SIGNATURE] = signature_of(source)
+    chosen = st.session_state.get(MORE_LIKE)
+    if chosen is None or chosen[1] != signature:
+        st.session_state.pop(MORE_LIKE, None)
+        run_query(engine, source, name, k, same_class, photo)
+        return
+    path = chosen[0]
+    st.caption(f"More like the gallery image {path}")
+    st.button("Back to the query's results", key="back", on_click=st.session_state.pop, args=(MORE_LIKE,))
+    run_query(engine, engine.gallery_root / path, f"the gallery image {path}", k, same_class, photo=True)
 
 
 if __name__ == "__main__":
