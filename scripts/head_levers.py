@@ -35,20 +35,14 @@ import keras
 import numpy as np
 from keras import ops
 
+from sbir_engine.aux_task import other_drawings, served_features
 from sbir_engine.config import EngineConfig
 from sbir_engine.data import Sample, load_split, obtain_quickdraw
 from sbir_engine.embed import read_batches
 from sbir_engine.images import load_rgb
 from sbir_engine.metrics import top_k_accuracy
 from sbir_engine.model import SketchModel, build_model
-from sbir_engine.train import (
-    domain_balanced_weights,
-    fit_head,
-    head_rows,
-    other_drawings,
-    served_features,
-    served_rows,
-)
+from sbir_engine.train import domain_balanced_weights, fit_head, head_rows, served_rows
 
 
 def stratified_share(labels: np.ndarray, eligible: np.ndarray, share: float, seed: int) -> np.ndarray:

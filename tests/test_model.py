@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from sbir_engine.aux_task import other_drawings
 from sbir_engine.cli import app
 from sbir_engine.config import EngineConfig
 from sbir_engine.data import Sample, load_split, quickdraw_categories
@@ -22,7 +23,6 @@ from sbir_engine.train import (
     compiled_trainer,
     contrastive_trainer,
     early_stopping,
-    other_drawings,
     served_rows,
     train,
     training_features,
