@@ -20,7 +20,6 @@ import shutil
 import stat
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from .index import (
     VectorStore,
     index_exists,
     new_meta,
+    repeated_contents,
 )
 from .index_factory import (
     TARGET_RECALL,
@@ -415,7 +415,7 @@ def _update(
     next_id = max(next_id, max(old_by_path.values(), key=lambda e: e.id).id + 1 if old_by_path else 0)
     to_embed: list[tuple[GalleryFile, str, int, int]] = []  # file, sha256, size, id
     seen = set()
-    contents: Counter[str] = Counter()  # sha256 -> files with that content
+    contents: list[str] = []  # the sha256 of every file: copies are reported
     for item in files:
         try:
             info = item.path.stat()
@@ -427,7 +427,7 @@ def _update(
             report.failed.append((item.relative, f"cannot be read ({err.strerror or err})"))
             continue
         seen.add(item.relative)
-        contents[digest] += 1
+        contents.append(digest)
         old = old_by_path.get(item.relative)
         if old is not None and old.sha256 == digest and old.label == item.label and not fresh:
             continue
@@ -441,7 +441,7 @@ def _update(
     drop = set(drop)
     if drop_missing:
         drop |= {entry.id for path, entry in old_by_path.items() if path not in seen}
-        copies = sum(count - 1 for count in contents.values())
+        copies = repeated_contents(contents)
         if copies:  # indexed all the same: each is a path someone may look for
             report.notes.append(
                 f"{copies} files repeat another file's content (same sha256); "

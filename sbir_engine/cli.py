@@ -480,7 +480,7 @@ def index_info(
     collection: Collection = DEFAULT_COLLECTION,
 ) -> None:
     """What an index holds, how it was built, the index type chosen and its measured recall."""
-    from .index import GalleryIndex, current_version, label_counts
+    from .index import GalleryIndex, current_version, label_counts, repeated_contents
 
     try:
         target = _target(backend, index, uri, collection)
@@ -517,6 +517,11 @@ def index_info(
         typer.echo(f"memory      ~{meta['memory_bytes'] / 2**20:,.0f} MiB when loaded (estimate)")
     typer.echo(f"model       {meta['model']['run_dir']} (fingerprint {meta['model']['fingerprint']})")
     typer.echo("labels      " + ", ".join(f"{k} {v}" for k, v in sorted(labels.items())))
+    copies = repeated_contents(e.sha256 for e in entries)
+    if copies:
+        typer.echo(
+            f"copies      {copies} files repeat another file's content (a query shows each content once)"
+        )
 
 
 @index_app.command("add")

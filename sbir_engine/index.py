@@ -107,6 +107,11 @@ def label_counts(entries: Iterable[Entry]) -> Counter[str]:
     return Counter(entry.label or "-" for entry in entries)
 
 
+def repeated_contents(digests: Iterable[str]) -> int:
+    """How many files repeat another's content, given every file's sha256 (copies under other names)."""
+    return sum(count - 1 for count in Counter(digests).values())
+
+
 def query_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
     """Query vectors as a contiguous float32 (n, dim) matrix, or a clear error."""
     queries = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)

@@ -59,7 +59,9 @@ def test_same_class_and_label_filters(engine, umbrella_canvases):
     assert len(only_fish.neighbours) == 5 and {n.label for n in only_fish.neighbours} <= {"fish", "cup"}
 
 
-def test_copies_of_a_file_are_one_result(engine, small_run, small_gallery, umbrella_canvases, tmp_path):
+def test_copies_of_a_file_are_one_result(
+    engine, small_run, small_index, small_gallery, umbrella_canvases, tmp_path
+):
     """A gallery holding the same photo three times answers with it once, naming the copies, and
     still gives k distinct results: the rest of the answer is the answer without the copies."""
     alone = engine.query(umbrella_canvases[0], k=6)
@@ -90,6 +92,10 @@ def test_copies_of_a_file_are_one_result(engine, small_run, small_gallery, umbre
     assert result.exit_code == 0, result.output
     first = result.stdout.splitlines()[1]
     assert f"{top}  (id " in first and "same file as " in first and all(copy in first for copy in copies)
+    info = CliRunner().invoke(app, ["index", "info", "--index", str(tmp_path / "index")])
+    assert "copies      2 files repeat another file's content" in info.stdout
+    plain = CliRunner().invoke(app, ["index", "info", "--index", str(small_index)])
+    assert "copies" not in plain.stdout
 
 
 def test_a_photo_query_is_embedded_as_the_gallery_is(engine, small_index, small_gallery, tmp_path):
