@@ -295,4 +295,5 @@ def test_render_result_marks_missing_files_and_short_lists(tmp_path):
     assert "Query time: 12 ms" in [c.value for c in at.caption]
     assert "3 of 10 results: the index holds no more that match." in [c.value for c in at.caption]
     assert result_captions(at) == ["cat · 0.912", "cat · 0.400 · 2 more copies in the gallery"]
+    assert {"`a.png`", "`b.png`"} <= {c.value for c in at.caption}  # each shown result names its file
     assert len(at.warning) == 1 and "— · 0.500: gallery file cat/gone.png is missing" in at.warning[0].value

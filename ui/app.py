@@ -216,6 +216,7 @@ def render_result(
                     path = resolve(neighbour)
                     if path.is_file():
                         st.image(str(path), caption=caption, width="stretch")
+                        st.caption(f"`{Path(neighbour.path).name}`")  # which file: to find it again
                         st.button(
                             "More like this",
                             key=f"more_{neighbour.id}",
