@@ -400,8 +400,9 @@ def evaluate(
     ] = None,
 ) -> None:
     """Sketch accuracy and retrieval quality (mAP@all, P@10, P@100) against an index."""
-    from .evaluate import compare_queries, format_comparison, format_report, paired_queries
     from .evaluate import evaluate as run_evaluation
+    from .evaluate import format_report
+    from .metrics import compare_queries, format_comparison, paired_queries
 
     comparison = None
     try:  # before the evaluation, so that a wrong path fails at once

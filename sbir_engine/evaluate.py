@@ -5,9 +5,9 @@ query (exact cosine, whatever the index type) and reports mAP@all (non-interpola
 :func:`sbir_engine.metrics.average_precision`), P@10 and P@100, overall and per query class, and
 lists the sketches whose class is not in the top 3 (with ``out``, as a contact sheet too). Each
 headline figure comes with a 95 % interval (``*_ci95``): Wilson's for top-1 / top-3, a bootstrap
-over the queries for mAP@all and P@10; and two reports on the same queries compare query by query
-(``paired_queries``, ``compare_queries``: McNemar's exact test, a bootstrap of the AP gain), so
-that two models' figures can be told apart from noise.
+over the queries for mAP@all and P@10; and each query's record (``per_query``) lets two reports on
+the same queries be compared query by query (``metrics.compare_queries``), so that two models'
+figures can be told apart from noise.
 """
 
 from __future__ import annotations
@@ -202,54 +202,6 @@ def format_report(report: dict) -> str:
         label = f"{miss['label']} {miss['label_probability']:.3f}"
         lines.append(f"not in top 3: {miss['path']} ({label}; {top3})")
     lines.extend(f"skipped {s}" for s in report["skipped"])
-    return "\n".join(lines)
-
-
-def paired_queries(baseline: dict, candidate: dict) -> tuple[list[dict], list[dict]]:
-    """The per-query records of two ``evaluate`` reports for the queries both scored (and whose
-    class both models know), in the same order. A query is its ``<class>/<image>`` name, so two
-    runs from other working directories, or on copies of the query folder, still pair up."""
-    records = []
-    for name, report in (("baseline", baseline), ("candidate", candidate)):
-        if "per_query" not in report:
-            raise ValueError(f"the {name} report has no per-query records: run `sbir-engine evaluate` again")
-        by_name = {Path(q["path"]).parent.name + "/" + Path(q["path"]).name: q for q in report["per_query"]}
-        records.append({key: q for key, q in by_name.items() if q["rank"] is not None})
-    shared = sorted(records[0].keys() & records[1].keys())
-    if not shared:
-        raise ValueError("the two reports share no query sketch: evaluate both on the same queries")
-    return [records[0][p] for p in shared], [records[1][p] for p in shared]
-
-
-def compare_queries(baseline: list[dict], candidate: list[dict]) -> dict:
-    """Two models on the same queries (``paired_queries``), query by query. Per top-k: both
-    accuracies, the queries only the baseline / only the candidate gets right, and McNemar's exact
-    p-value of that split; per AP (the engine's and the 512-d embedding's ranking): the candidate's
-    mean gain and its bootstrap 95 % interval."""
-    rank_a = np.array([q["rank"] for q in baseline])
-    rank_b = np.array([q["rank"] for q in candidate])
-    result: dict = {"queries": len(rank_a)}
-    for k in (1, 3):
-        hit_a, hit_b = top_k_hits(rank_a, k), top_k_hits(rank_b, k)
-        only_a, only_b = int(np.sum(hit_a & ~hit_b)), int(np.sum(hit_b & ~hit_a))
-        result[f"top-{k}"] = (hit_a.mean(), hit_b.mean(), only_a, only_b, mcnemar_exact(only_a, only_b))
-    for name in ("AP", "AP 512-d"):
-        gain = np.array([b[name] - a[name] for a, b in zip(baseline, candidate, strict=True)])
-        result[name] = (gain.mean(), *bootstrap_interval(gain))
-    return result
-
-
-def format_comparison(title: str, result: dict) -> str:
-    lines = [f"{title} ({result['queries']} queries)"]
-    for k in (1, 3):
-        a, b, only_a, only_b, p = result[f"top-{k}"]
-        lines.append(
-            f"  top-{k}  {a:.3f} -> {b:.3f}  only the baseline right {only_a:3d}, "
-            f"only the candidate {only_b:3d}  McNemar p = {p:.3f}"
-        )
-    for name in ("AP", "AP 512-d"):
-        mean, low, high = result[name]
-        lines.append(f"  {name:8s} mean gain {mean:+.4f}  95 % interval [{low:+.4f}, {high:+.4f}]")
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ candidate's in the same order (one pair per training seed or prepared split). Fo
 all pairs pooled, it prints how many queries only one of the two gets right at top-1 and at top-3
 with the exact McNemar p-value of that split, and the mean difference of the queries' AP (the
 engine's ranking and the 512-d embedding's) with a bootstrap 95 % interval over the queries
-(``sbir_engine.evaluate.compare_queries``; one pair alone is ``sbir-engine evaluate --against``).
+(``sbir_engine.metrics.compare_queries``; one pair alone is ``sbir-engine evaluate --against``).
 Pooled pairs that share queries (several training seeds on one split) are not independent, so the
 pooled p-value flatters a difference.
 
@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from sbir_engine.evaluate import compare_queries, format_comparison, paired_queries
+from sbir_engine.metrics import compare_queries, format_comparison, paired_queries
 
 
 def main() -> None:

@@ -14,14 +14,8 @@ from typer.testing import CliRunner
 from sbir_engine.build import build_index
 from sbir_engine.cli import app
 from sbir_engine.engine import SketchEngine
-from sbir_engine.evaluate import (
-    compare_queries,
-    evaluate,
-    evaluate_canvas,
-    format_comparison,
-    format_report,
-    paired_queries,
-)
+from sbir_engine.evaluate import evaluate, evaluate_canvas, format_report
+from sbir_engine.metrics import compare_queries, format_comparison, paired_queries
 
 GROUPS = "bitmap by Google's recognized flag"
 
