@@ -63,21 +63,13 @@ def other_drawings(
                 except EmptySketchError:
                     continue  # a blank drawing teaches nothing
             for start in range(0, len(drawings), 64):
-                features.append(served_features(model, np.stack(drawings[start : start + 64])))
+                features.append(model.served_features(np.stack(drawings[start : start + 64])))
             labels.extend([categories.index(category)] * len(drawings))
             progress.advance(task)
     other = OtherDrawings(np.concatenate(features).astype(np.float32), np.array(labels), categories)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, features=other.features, labels=other.labels)
     return other
-
-
-def served_features(model: SketchModel, images: np.ndarray) -> np.ndarray:
-    """Backbone features of a batch as the engine serves them (mirror-averaged under config.mirror)."""
-    features = np.asarray(model.backbone.predict_on_batch(images))
-    if model.config.mirror:
-        features = (features + np.asarray(model.backbone.predict_on_batch(images[:, :, ::-1]))) / 2
-    return features
 
 
 class OtherDrawingBatches(keras.utils.PyDataset):

@@ -56,6 +56,14 @@ class SketchModel:
         features = ops.mean(ops.reshape(features, (2, -1, features.shape[-1])), axis=0)
         return keras.Model(image, list(apply_head(self.classifier, features)), name="serving")
 
+    def served_features(self, images: np.ndarray) -> np.ndarray:
+        """Backbone features of a batch as the engine serves them: averaged with the mirror
+        images' under ``config.mirror``, as ``serving_model`` does in one pass."""
+        features = np.asarray(self.backbone.predict_on_batch(images))
+        if self.config.mirror:
+            features = (features + np.asarray(self.backbone.predict_on_batch(images[:, :, ::-1]))) / 2
+        return features
+
     def fingerprint(self) -> str:
         return model_fingerprint(self.classifier, self.config)
 

@@ -121,12 +121,11 @@ def backbone_features(
             if batch.paths:
                 per_view = []
                 for _ in range(views):
-                    images = augmenter(batch.arrays, training=True) if augment else batch.arrays
-                    features = np.asarray(model.backbone.predict_on_batch(images))
-                    if mirror:
-                        mirrored = model.backbone.predict_on_batch(images[:, :, ::-1])
-                        features = (features + np.asarray(mirrored)) / 2
-                    per_view.append(features)
+                    if augment:  # an augmented view as it is (the augmenter flips at random)
+                        images = augmenter(batch.arrays, training=True)
+                        per_view.append(np.asarray(model.backbone.predict_on_batch(images)))
+                    else:
+                        per_view.append(model.served_features(batch.arrays))
                 chunks.append(np.stack(per_view, axis=1))
                 kept.extend(by_path[p] for p in batch.paths)
             progress.advance(task, len(batch.paths) + len(batch.failures))

@@ -35,7 +35,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from sbir_engine.aux_task import other_drawings, served_features
+from sbir_engine.aux_task import other_drawings
 from sbir_engine.config import EngineConfig
 from sbir_engine.data import Sample, load_split, obtain_quickdraw
 from sbir_engine.embed import read_batches
@@ -81,7 +81,7 @@ def stroke_view_rows(
             images = ops.convert_to_tensor(batch.arrays)
             for _ in range(pixels):
                 images = sign * ops.max_pool(sign * images, 3, 1, "same")
-            features.append(served_features(model, np.asarray(images)))
+            features.append(model.served_features(np.asarray(images)))
             labels.extend(config.classes.index(by_path[p].label) for p in batch.paths)
     return np.concatenate(features), np.array(labels)
 
