@@ -111,7 +111,8 @@ def build_index_command(
 @app.command()
 def query(
     sketches: Annotated[
-        list[Path], typer.Argument(help="Sketch image file(s); several share one loaded model.")
+        list[Path],
+        typer.Argument(help="Sketch image file(s) or folders of them; several share one loaded model."),
     ],
     index: IndexDir = DEFAULTS.index_dir,
     k: Annotated[int, typer.Option("-k", help="Number of neighbours.")] = 10,
@@ -135,11 +136,17 @@ def query(
     """Classify a sketch and list its nearest gallery images.
 
     Of several sketches, one that cannot be read is named and skipped, the rest answered (exit 1).
+    A folder stands for the images in it and its subfolders.
     """
+    from .data import list_images
     from .engine import SketchEngine
     from .images import ImageError
     from .index import GalleryIndex, label_counts
 
+    given = sketches
+    sketches = [image for path in given for image in (list_images(path) if path.is_dir() else [path])]
+    if not sketches:
+        fail(f"no image files in {', '.join(map(str, given))}")
     if save_input is not None and len(sketches) > 1:
         fail(f"--save-input writes one file: give it one sketch, not {len(sketches)}")
     if save_input is not None and photo:
@@ -160,7 +167,7 @@ def query(
                 f"note: no image in the index has the label {name!r} (its labels: {', '.join(known)})",
                 err=True,
             )
-    several, failed = len(sketches) > 1, 0
+    several, failed = len(sketches) > 1 or any(path.is_dir() for path in given), 0
     for sketch in sketches:
         try:
             result = engine.query(sketch, k=k, same_class=same_class, labels=label or None, photo=photo)

@@ -227,3 +227,17 @@ def test_cli_query_answers_several_sketches_and_skips_one_it_cannot_read(
     typo = runner.invoke(app, ["query", str(sketches[0]), "--index", str(small_index), "--label", "umbrela"])
     assert typo.exit_code == 0 and "no image in the index has the label 'umbrela'" in typo.stderr
     assert "umbrella" in typo.stderr and "class: " in typo.stdout
+    # A folder stands for its images (subfolders too, sorted; other files ignored), one answer each.
+    folder = tmp_path / "mine"
+    (folder / "more").mkdir(parents=True)
+    for source, name in ((sketches[1], "b.png"), (sketches[0], "more/a.png")):
+        (folder / name).write_bytes(source.read_bytes())
+    (folder / "notes.txt").write_text("not a sketch")
+    listed = runner.invoke(app, ["query", str(folder), "--index", str(small_index), "-k", "4", "--json"])
+    assert listed.exit_code == 0, listed.output
+    answers = [json.loads(line) for line in listed.stdout.strip().splitlines()]
+    assert [a["sketch"] for a in answers] == [str(folder / "b.png"), str(folder / "more/a.png")]
+    assert [a["label"] for a in answers] == [engine.query(s, k=4).label for s in (sketches[1], sketches[0])]
+    (tmp_path / "empty").mkdir()
+    empty = runner.invoke(app, ["query", str(tmp_path / "empty"), "--index", str(small_index)])
+    assert empty.exit_code == 1 and f"no image files in {tmp_path / 'empty'}" in empty.output
