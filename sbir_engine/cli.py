@@ -205,6 +205,13 @@ def prepare_data_command(
     sketches: Annotated[
         Path, typer.Option(help="Your own drawings, <class>/<image>, instead of QuickDraw's.")
     ] = None,
+    with_quickdraw: Annotated[
+        bool,
+        typer.Option(
+            help="With --sketches: add your drawings to QuickDraw's of the same classes "
+            "(default classes: the 13 default ones, unless --classes)."
+        ),
+    ] = False,
     classes: Annotated[
         str,
         typer.Option(
@@ -219,16 +226,21 @@ def prepare_data_command(
     try:
         names = tuple(c.strip() for c in classes.split(",") if c.strip())
         if not names:
-            names = sketch_folder_classes(sketches) if sketches is not None else DEFAULT_CLASSES
+            own_classes = sketches is not None and not with_quickdraw
+            names = sketch_folder_classes(sketches) if own_classes else DEFAULT_CLASSES
         config = DEFAULTS.replace(classes=names, seed=seed)
         quickdraw = quickdraw or (
             DEFAULTS.quickdraw_tarball if DEFAULTS.quickdraw_tarball.is_file() else None
         )
-        summary = prepare_data(out, config, quickdraw, photos, sketches)
+        summary = prepare_data(out, config, quickdraw, photos, sketches, with_quickdraw)
     except _errors() as err:
         fail(str(err))
     for line in summary["skipped"]:
         typer.echo(f"skipped {line}", err=True)
+    for name in summary["unused_sketch_folders"]:
+        typer.echo(
+            f"note: {sketches / name} is not one of the classes (add it with --classes): not used", err=True
+        )
     for domain, splits in summary["counts"].items():
         if any(splits["train"].values()):
             typer.echo(f"{domain}: " + ", ".join(f"{s} {sum(c.values())}" for s, c in splits.items()))

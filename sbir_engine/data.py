@@ -146,17 +146,35 @@ def own_sketches(folder: Path, label: str, config: EngineConfig) -> tuple[list[t
     """The drawings of ``<folder>/<label>/`` normalised as queries are (any size, pen or scan), each
     named ``<label>_<n>_<file stem>`` (n: its place in the folder, so names never collide), and
     ``"PATH: reason"`` for each file that cannot be used (reported and skipped, not fatal)."""
-    files = list_images(Path(folder) / label)
     drawings, skipped = [], []
-    for n, path in enumerate(files):
+    for n, path in enumerate(list_images(Path(folder) / label)):
         try:
             drawings.append((f"{label}_{n:04d}_{path.stem}", normalize_sketch(path, config.sketch_raster)))
         except ImageError as err:
             skipped.append(str(err))
+    return drawings, skipped
+
+
+def class_drawings(
+    label: str, config: EngineConfig, tarball: Path | None, sketches: Path | None
+) -> tuple[list[tuple[str, Image]], list[str]]:
+    """A class's named drawings: QuickDraw's (from ``tarball``) and one's own (``<sketches>/<label>/``),
+    either or both, with the own files that could not be used; enough of them for the split."""
+    drawings: list[tuple[str, Image]] = []
+    if tarball is not None:
+        bitmaps = read_quickdraw_bitmaps(tarball, label)
+        drawings += [
+            (f"{label}_{i:04d}", normalize_sketch(b, config.sketch_raster)) for i, b in enumerate(bitmaps)
+        ]
+    skipped: list[str] = []
+    if sketches is not None and (Path(sketches) / label).is_dir():
+        own, skipped = own_sketches(sketches, label, config)
+        drawings += own
     least = smallest_split(config.split)
     if len(drawings) < least:
+        where = Path(sketches) / label if sketches is not None else label
         raise DataError(
-            f"{Path(folder) / label}: {len(drawings)} usable drawings of {len(files)}; a train/val/test "
+            f"{where}: {len(drawings)} usable drawings of {len(drawings) + len(skipped)}; a train/val/test "
             f"split of {config.split} needs at least {least}"
         )
     return drawings, skipped
@@ -168,23 +186,30 @@ def prepare_data(
     quickdraw: Path | None = None,
     photos: Path | None = None,
     sketches: Path | None = None,
+    with_quickdraw: bool = False,
 ) -> dict:
     """Write the dataset folder and return its summary (also saved as ``dataset.json``).
 
     The drawings are QuickDraw's for ``config.classes`` or, with ``sketches``, your own from
     ``<sketches>/<class>/<image>`` (any class names; files that cannot be read are listed under
-    ``skipped``). The QuickDraw package is then only recorded, where given, for `pretrain`.
+    ``skipped``). The QuickDraw package is then only recorded, where given, for `pretrain`; with
+    ``with_quickdraw`` too, your drawings join QuickDraw's of the same classes instead.
     """
     out = Path(out)
     config = config or EngineConfig()
-    if sketches is None:
+    if with_quickdraw and sketches is None:
+        raise DataError("adding your own drawings to QuickDraw's needs the folder of them (--sketches)")
+    if sketches is None or with_quickdraw:
         tarball = obtain_quickdraw(quickdraw)
-        check_categories(config.classes, quickdraw_categories(tarball))
+        own = set(sketch_folder_classes(sketches)) if sketches is not None else set()
+        check_categories([c for c in config.classes if c not in own], quickdraw_categories(tarball))
     else:
         tarball = Path(quickdraw) if quickdraw is not None and Path(quickdraw).is_file() else None
         missing = sorted(set(config.classes) - set(sketch_folder_classes(sketches)))
         if missing:
             raise DataError(f"{sketches} has no drawings for the classes {', '.join(missing)}")
+    # Whose drawings: QuickDraw's (unless replaced by one's own) and one's own (where given).
+    drawn_by_quickdraw = set(quickdraw_categories(tarball)) if sketches is None or with_quickdraw else set()
     if photos is not None and not Path(photos).is_dir():
         raise DataError(f"photo folder {photos} does not exist")
     if out.exists():
@@ -193,14 +218,9 @@ def prepare_data(
     counts: dict[str, dict[str, dict[str, int]]] = {d: {s: {} for s in SPLITS} for d in DOMAINS}
     skipped: list[str] = []
     for label in config.classes:
-        if sketches is None:
-            bitmaps = read_quickdraw_bitmaps(tarball, label)
-            drawings = [
-                (f"{label}_{i:04d}", normalize_sketch(b, config.sketch_raster)) for i, b in enumerate(bitmaps)
-            ]
-        else:
-            drawings, unreadable = own_sketches(sketches, label, config)
-            skipped.extend(unreadable)
+        source = tarball if label in drawn_by_quickdraw else None
+        drawings, unreadable = class_drawings(label, config, source, sketches)
+        skipped.extend(unreadable)
         for split, indices in split_indices(
             len(drawings), config.split, f"{config.seed}:sketch:{label}"
         ).items():
@@ -236,6 +256,8 @@ def prepare_data(
             "photos": str(photos) if photos else None,
         },
         "skipped": skipped,
+        # With with_quickdraw: folders of one's own drawings that are not among the classes.
+        "unused_sketch_folders": sorted(own - set(config.classes)) if with_quickdraw else [],
     }
     (out / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

