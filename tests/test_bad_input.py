@@ -295,8 +295,6 @@ def bad_queries(corpus: Corpus, folder: Path) -> dict[str, tuple[Path, str]]:
     huge = folder / "huge.png"
     huge.write_bytes((corpus.root / corpus.good[0]).read_bytes() + b"\0" * (10 * 1024 * 1024))
     kinds.update(
-        folder=(corpus.root / "cat", r"is a folder, not an image file"),
-        loop=(corpus.root / "cat/loop", r"is a folder, not an image file"),
         missing=(folder / "missing.png", r"cannot be read \(No such file or directory\)"),
         text=(corpus.root / "cat/readme.txt", r"not a recognised image format"),
         blank=(blank, r"the sketch is empty \(no ink found\)"),
@@ -326,6 +324,18 @@ def test_cli_query_gives_a_one_line_error_for_each_bad_kind(corpus, built, engin
     good = corpus.root / corpus.good[0]
     result = runner.invoke(app, ["query", str(good), "--index", str(index_dir), "-k", "3"])
     assert result.exit_code == 0 and result.output.startswith("class: "), result.output
+    # A folder is its images (the API takes one image and names a folder as an error): each good one
+    # answered, each bad one named on stderr, and the symlink back to the gallery root not followed.
+    with pytest.raises(ImageError, match="is a folder, not an image file"):
+        engine.query(corpus.root / "cat")
+    result = runner.invoke(app, ["query", str(corpus.root / "cat"), "--index", str(index_dir), "--json"])
+    answered = [json.loads(line)["sketch"] for line in result.stdout.strip().splitlines()]
+    cats = sorted(str(corpus.root / r) for r in corpus.good if r.startswith("cat/"))
+    assert result.exit_code == 1 and sorted(answered) == cats
+    errors = result.stderr.strip().splitlines()
+    bad_cats = [f"error: {corpus.root / r}: " for r in sorted(corpus.bad) if r.startswith("cat/")]
+    assert len(errors) == len(bad_cats)
+    assert all(e.startswith(b) for e, b in zip(sorted(errors), bad_cats, strict=True))
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
