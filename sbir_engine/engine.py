@@ -15,7 +15,10 @@ from .images import PREPROCESSING_VERSION, ImageSource, resize_to_array
 from .index import GalleryIndex, current_version
 from .model import load_model
 
-# The deepest search a query makes to find k distinct results (Milvus' largest top-k).
+# A query whose nearest entries are mostly copies of each other searches deeper for k distinct
+# results, up to this many times its usual depth (and Milvus' largest top-k): a gallery of thousands
+# of copies cannot make a query search it all.
+MAX_DEEPENING = 2
 MAX_SEARCH_DEPTH = 16_384
 
 
@@ -173,10 +176,12 @@ class SketchEngine:
         """The k best by the engine's score: cosine, re-ranked with class probabilities (see fused_scores).
 
         Files with the same content come back as one result that names the others; the search
-        deepens until k distinct results are found or the index has no more.
+        deepens until k distinct results are found, the index has no more, or it has gone
+        MAX_DEEPENING times its usual depth.
         """
         weight = self.config.rerank_weight
         depth = k if weight == 0 else max(k, self.config.rerank_candidates)
+        deepest = min(len(index), MAX_SEARCH_DEPTH, MAX_DEEPENING * depth)
         while True:
             scores, ids = index.search(vector[None], depth, labels)
             scores, ids = scores[0][ids[0] >= 0], ids[0][ids[0] >= 0]
@@ -186,9 +191,9 @@ class SketchEngine:
                 order = np.argsort(-scores, kind="stable")
                 scores, ids = scores[order], ids[order]
             neighbours = collapse_duplicates(index, scores, ids, k)
-            if len(neighbours) == k or len(ids) < depth or depth >= min(len(index), MAX_SEARCH_DEPTH):
+            if len(neighbours) == k or len(ids) < depth or depth >= deepest:
                 return neighbours
-            depth = min(2 * depth, MAX_SEARCH_DEPTH)
+            depth = min(2 * depth, deepest)
 
     def resolve(self, neighbour: Neighbour) -> Path:
         """The gallery file of a result."""

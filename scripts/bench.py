@@ -255,7 +255,9 @@ def build_gallery(run_dir: Path, model, embedder, photos: list[Path], work: Path
     probs = probabilities[pick].astype(np.float32)
     ids = np.arange(size, dtype=np.int64)
     labels = [photos[i].parent.name for i in pick]
-    entries = [Entry(int(i), f"synthetic/{i:06d}.jpg", labels[i], "0" * 64, 0) for i in ids]
+    # Distinct contents: the engine answers with each content once, so equal hashes would make every
+    # entry a copy of the first and each query search ever deeper for k distinct results.
+    entries = [Entry(int(i), f"synthetic/{i:06d}.jpg", labels[i], f"{i:064x}", 0) for i in ids]
     dim = vectors.shape[1]
     factory = choice.choose_factory(size, dim)
     index = choice.make_faiss_index(vectors, ids, factory)

@@ -1,5 +1,6 @@
 """The gallery index and the engine on a small real gallery: build, query, reload, refuse."""
 
+import dataclasses
 import json
 import shutil
 
@@ -10,7 +11,7 @@ from typer.testing import CliRunner
 
 from sbir_engine.build import build_index, file_sha256
 from sbir_engine.cli import app
-from sbir_engine.engine import ModelMismatchError, SketchEngine
+from sbir_engine.engine import MAX_DEEPENING, ModelMismatchError, SketchEngine
 from sbir_engine.images import normalize_sketch, render_strokes
 from sbir_engine.index import GalleryIndex, IndexFormatError, current_version
 
@@ -96,6 +97,21 @@ def test_copies_of_a_file_are_one_result(
     assert "copies      2 files repeat another file's content" in info.stdout
     plain = CliRunner().invoke(app, ["index", "info", "--index", str(small_index)])
     assert "copies" not in plain.stdout
+
+
+def test_a_gallery_of_copies_cannot_make_a_query_search_it_all(engine, small_index, umbrella_canvases):
+    """If the nearest entries are all copies of one file, the search deepens for k distinct results
+    only up to MAX_DEEPENING times its usual depth, then answers with what it has."""
+    index = GalleryIndex.load(small_index)
+    index.entries = {i: dataclasses.replace(e, sha256="0" * 64) for i, e in index.entries.items()}
+    copies = SketchEngine(small_index, index, engine.embedder)
+    copies.config = engine.config.replace(rerank_candidates=8)
+    depths = []
+    search = index.search
+    index.search = lambda vectors, k, labels=None: depths.append(k) or search(vectors, k, labels)
+    result = copies.query(umbrella_canvases[0], k=5)
+    assert depths == [8, 16] and MAX_DEEPENING * 8 == 16 < len(index)
+    assert len(result.neighbours) == 1 and len(result.neighbours[0].duplicates) == 15
 
 
 def test_a_photo_query_is_embedded_as_the_gallery_is(engine, small_index, small_gallery, tmp_path):
