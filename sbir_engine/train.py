@@ -21,7 +21,7 @@ import numpy as np
 from .aux_task import OtherDrawingBatches, OtherDrawings, other_drawings
 from .backbones import cache_dir
 from .config import EngineConfig
-from .data import DOMAINS, DataError, Sample, load_split, obtain_quickdraw, read_stroke_records
+from .data import DOMAINS, DataError, Sample, dataset_quickdraw, load_split, read_stroke_records
 from .embed import progress_bar, read_batches
 from .images import CANVAS_STYLES, PREPROCESSING_VERSION, load_rgb, normalize_sketch, render_strokes
 from .metrics import confusion_matrix, plot_confusion, plot_history, top_k_accuracy
@@ -453,8 +453,7 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     other = None
     if config.aux_weight:
-        recorded = dataset["sources"].get("quickdraw")  # a dataset of one's own drawings may name none
-        other = other_drawings(model, obtain_quickdraw(Path(recorded) if recorded else None), *aux_drawings)
+        other = other_drawings(model, dataset_quickdraw(dataset), *aux_drawings)
     logger = keras.callbacks.CSVLogger(str(out_dir / "history.csv"))
     history = fit_head(model, train_rows, val_rows, [logger], verbose=verbose, other=other)
     # The epoch early stopping kept (its first best), for the refit on training + validation rows.

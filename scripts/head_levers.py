@@ -37,12 +37,12 @@ from keras import ops
 
 from sbir_engine.aux_task import other_drawings
 from sbir_engine.config import EngineConfig
-from sbir_engine.data import Sample, load_split, obtain_quickdraw
+from sbir_engine.data import Sample, dataset_quickdraw, load_split
 from sbir_engine.embed import read_batches
 from sbir_engine.images import load_rgb
 from sbir_engine.metrics import top_k_accuracy
 from sbir_engine.model import SketchModel, build_model
-from sbir_engine.train import domain_balanced_weights, fit_head, head_rows, served_rows
+from sbir_engine.train import domain_balanced_weights, fit_head, head_rows, joined_rows, served_rows
 
 
 def stratified_share(labels: np.ndarray, eligible: np.ndarray, share: float, seed: int) -> np.ndarray:
@@ -144,8 +144,8 @@ def main() -> None:
         aux_weights = {f"aux 345 {float(w):g}": float(w) for w in args.aux_weights.split(",") if w}
         variants.update({name: (everything, None) for name in aux_weights})
         if aux_weights and other is None:
-            sources = json.loads((args.data / "dataset.json").read_text())["sources"]
-            other = other_drawings(model, obtain_quickdraw(Path(sources["quickdraw"])))
+            dataset = json.loads((args.data / "dataset.json").read_text())
+            other = other_drawings(model, dataset_quickdraw(dataset))
         for name, (keep, weights) in variants.items():
             keras.utils.set_random_seed(seed)
             variant = config.replace(head_dropout=rates.get(name, 0.0), aux_weight=aux_weights.get(name, 0.0))
@@ -153,11 +153,7 @@ def main() -> None:
             train_rows = (x[keep], y[keep], list(domains[keep]))
             if name in extra:
                 x_extra, y_extra = extra[name]
-                train_rows = (
-                    np.concatenate([train_rows[0], x_extra]),
-                    np.concatenate([train_rows[1], y_extra]),
-                    train_rows[2] + ["sketch"] * len(y_extra),
-                )
+                train_rows = joined_rows(train_rows, (x_extra, y_extra, ["sketch"] * len(y_extra)))
             weights = domain_balanced_weights(train_rows[2]) if weights is None else weights[keep]
             aux = other if name in aux_weights else None
             history = fit_head(model, train_rows, (x_val, y_val, list(d_val)), None, weights, 0, other=aux)
