@@ -43,8 +43,17 @@ STROKE_WIDTH = 1.025
 WORK_SCALE = 8
 # A picture whose border is this much darker than its lightest tenth may be a page on a desk.
 SURROUND_CONTRAST = 40
-# How much worse a step of _restroke's may measure before it stops (in WORK_SCALE pixels).
-WIDTH_TOLERANCE = 0.1
+# How much worse a step of _restroke's may measure before it stops (in WORK_SCALE pixels): a step
+# moves the width by about one, and the estimate wobbles by less than half of that.
+WIDTH_TOLERANCE = 0.5
+# A straight line across this share of the page's width (or down its height) runs edge to edge.
+RULED_SPAN = 0.8
+# Paper is ruled when it holds this many parallel lines from edge to edge (a drawing of a box, two).
+RULED_LINES = 5
+# Whether a page is ruled is looked at on a copy at most this many pixels across, and a ruled page's
+# lines are found to paint them out on one at most RULED_ERASE across.
+RULED_SEARCH = 256
+RULED_ERASE = 1000
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
 
@@ -207,9 +216,10 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
     """Any drawing → black ink on white, cropped to its ink, padded square, rastered at ``raster`` px.
 
     A thin-lined 400 px browser canvas and a 28 px QuickDraw bitmap come out alike: ink is found
-    on the composited grey image, a photographed page is cut out of its desk and its grey paper
-    flattened to white, light-on-dark drawings are inverted, and the box filter turns thin strokes
-    into the soft, thick lines of the bitmaps the model learnt from.
+    on the composited grey image, a photographed page is cut out of its desk and squared up and its
+    grey paper flattened to white, light-on-dark drawings are inverted, a notebook's rules are taken
+    off, and the box filter turns thin strokes into the soft, thick lines of the bitmaps the model
+    learnt from.
     """
     name = _describe(source)
     grey = np.asarray(composite_on_white(open_image(source, **limits)).convert("L"), dtype=np.uint8)
@@ -221,6 +231,8 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
         grey = 255 - grey
     if larger_than_bitmap and np.median(_border(grey)) < PAPER_WHITE:  # a photographed page
         grey = flatten_paper(grey)
+    if larger_than_bitmap:
+        grey = erase_ruled_lines(grey)
     ink = grey < INK_THRESHOLD
     if not ink.any():
         raise EmptySketchError(name, "the sketch is empty (no ink found)")
@@ -248,11 +260,16 @@ def crop_to_page(grey: np.ndarray) -> np.ndarray:
 
     Light strokes on a dark board must stay as they are, so the cut-out counts as a page only
     when it is as paper is: 15 % of the frame at least, 85 % light (the ink is the rest) and light
-    all round its border (95 %). Chalk strokes up to 6 % of the board's width did none of that.
+    all round its border (95 %), once lines thinner than 2 % of the frame are closed over (a
+    notebook's rules cross its edges). Chalk strokes up to 6 % of the board's width did none of that.
     """
     # Otsu's split of the grey levels into surround and page: a midpoint between the surround and
     # the paper left the shadowed side of a page on a mid-grey desk out.
-    level, light = cv2.threshold(cv2.GaussianBlur(grey, (5, 5), 0), 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    _, light = cv2.threshold(cv2.GaussianBlur(grey, (5, 5), 0), 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    # Closed over lines thinner than 2 % of the frame: a squared page's rules, where its shadowed
+    # side falls under the split, cut it into cells, none of them the page.
+    close = 2 * round(0.01 * max(grey.shape)) + 1
+    light = cv2.morphologyEx(light, cv2.MORPH_CLOSE, np.ones((close, close), np.uint8))
     contours, _ = cv2.findContours(light, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
         return grey
@@ -273,12 +290,12 @@ def crop_to_page(grey: np.ndarray) -> np.ndarray:
         corners,
         np.float32([[0, 0], [width, 0], [width, height], [0, height]]),
     )
-    page = cv2.warpPerspective(grey, square_up, (width, height), flags=cv2.INTER_AREA)
-    page = page[inset : height - inset, inset : width - inset]
+    page, page_light = (
+        cv2.warpPerspective(image, square_up, (width, height), flags=flags)[inset:-inset, inset:-inset]
+        for image, flags in ((grey, cv2.INTER_AREA), (light, cv2.INTER_NEAREST))
+    )
     paper_like = (
-        page.size >= 0.15 * grey.size
-        and (page > level).mean() >= 0.85
-        and (_border(page) > level).mean() >= 0.95
+        page.size >= 0.15 * grey.size and page_light.mean() >= 0.85 and _border(page_light).mean() >= 0.95
     )
     return page if paper_like else grey
 
@@ -334,6 +351,97 @@ def flatten_paper(grey: np.ndarray) -> np.ndarray:
     return np.clip(grey * (255.0 / np.maximum(paper, 1.0)), 0, 255).astype(np.uint8)
 
 
+def erase_ruled_lines(grey: np.ndarray) -> np.ndarray:
+    """A notebook's ruled lines, a grid and a margin line, taken off the paper: the straight lines
+    that run from edge to edge (RULED_SPAN of the page's width, or of its height), when RULED_LINES
+    of them are parallel. A drawing cropped tight may hold a few such lines (a box filling the
+    frame has four, a bus three parallel ones); five parallel ones are the paper's print, and the
+    margin line beside them goes too. Two quick looks say whether a page may be ruled (marks that
+    cross it often enough, microseconds; then lines on a copy RULED_SEARCH px across, a few ms), and
+    only a ruled page is searched again, finely enough to paint its lines out, and filled in where
+    they were (OpenCV's inpainting), so that strokes across a rule join up again. A stroke drawn
+    along a rule goes with it.
+    """
+    if not _crossed_often(grey) or not len(_ruled_lines(grey, RULED_SEARCH)):
+        return grey
+    height, width = grey.shape
+    mask = np.zeros_like(grey)
+    thickness = max(3, round(0.01 * max(height, width)))
+    for x0, y0, x1, y1 in _ruled_lines(grey, RULED_ERASE).round().astype(int):
+        cv2.line(mask, (x0, y0), (x1, y1), 255, thickness)
+    # Filled in from either side of each line: paper where it crossed paper, ink where a stroke crossed it.
+    return cv2.inpaint(grey, mask, thickness, cv2.INPAINT_TELEA)
+
+
+def _crossed_often(grey: np.ndarray) -> bool:
+    """Whether RULED_LINES marks cross the page at a fifth of its width from either side, or at a
+    fifth of its height from top and bottom: every line across RULED_SPAN of the page crosses both
+    places. A drawing seldom does, and then the Hough transform need not run (microseconds, not
+    milliseconds). Each place is looked at along five lines 2 % of the page apart, the most
+    crossed one counting (one of them may run along a squared paper's rule)."""
+
+    def crossings(lines: np.ndarray) -> int:
+        rises = np.diff((lines < PAPER_WHITE).astype(np.int8), axis=-1) == 1
+        return int(rises.sum(axis=-1).max())
+
+    height, width = grey.shape
+    steps = np.arange(5) * 0.02
+    columns = [grey[:, np.round((start + steps) * (width - 1)).astype(int)].T for start in (0.16, 0.76)]
+    rows = [grey[np.round((start + steps) * (height - 1)).astype(int)] for start in (0.16, 0.76)]
+    return min(map(crossings, columns)) >= RULED_LINES or min(map(crossings, rows)) >= RULED_LINES
+
+
+def _ruled_lines(grey: np.ndarray, search: int) -> np.ndarray:
+    """The edge-to-edge straight lines (x0, y0, x1, y1) of a ruled page, found on a copy at most
+    ``search`` px across (OpenCV's probabilistic Hough transform; faint rules count, so that
+    light grey rules mark a page as ruled too); none where the page is not ruled."""
+    height, width = grey.shape
+    scale = min(1.0, search / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
+    marked = (small < PAPER_WHITE).astype(np.uint8)
+    shortest = RULED_SPAN * min(small.shape)
+    segments = cv2.HoughLinesP(
+        marked,
+        1,
+        # Angle steps fine enough that a line between two drifts under a pixel along its length, and
+        # a whole number of them to a right angle, so that level and upright lines fall on one.
+        np.pi / (4 * np.ceil(np.pi * shortest / 8)),
+        threshold=round(shortest / 2),
+        minLineLength=shortest,
+        maxLineGap=round(0.02 * max(small.shape)),
+    )
+    if segments is None:
+        return np.empty((0, 4))
+    segments = segments.reshape(-1, 4) / scale
+    x0, y0, x1, y1 = segments.T
+    ruled = segments[(np.abs(x1 - x0) >= RULED_SPAN * width) | (np.abs(y1 - y0) >= RULED_SPAN * height)]
+    # One thick stroke holds several parallel segments: lines count apart only beyond twice the ink's width.
+    apart = max(0.01 * max(height, width), 2 * stroke_width(marked.astype(bool)) / scale)
+    angles = np.array([angle for angle, _ in _distinct_lines(ruled, apart)])
+    turns = np.abs(angles[:, None] - angles[None, :])
+    parallel = np.minimum(turns, np.pi - turns) < np.radians(2)
+    return ruled if parallel.sum(axis=1).max(initial=0) >= RULED_LINES else np.empty((0, 4))
+
+
+def _distinct_lines(segments: np.ndarray, apart: float) -> list[tuple[float, float]]:
+    """The lines that segments (x0, y0, x1, y1) lie on, as (angle, offset) pairs: a thick line gives
+    the Hough transform several segments side by side, which count once unless ``apart`` px apart."""
+    lines: list[tuple[float, float]] = []
+    for x0, y0, x1, y1 in segments:
+        angle = np.arctan2(y1 - y0, x1 - x0) % np.pi
+        offset = (y0 + y1) / 2 * np.cos(angle) - (x0 + x1) / 2 * np.sin(angle)
+        for known_angle, known_offset in lines:
+            turn = abs(angle - known_angle)
+            if turn < np.radians(2) and abs(offset - known_offset) < apart:
+                break
+            if np.pi - turn < np.radians(2) and abs(offset + known_offset) < apart:  # the same, reversed
+                break
+        else:
+            lines.append((angle, offset))
+    return lines
+
+
 def stroke_width(ink: np.ndarray) -> float:
     """Mean stroke width of a binary ink mask: twice its area over its boundary length."""
     padded = np.pad(ink, 1)
@@ -363,7 +471,7 @@ def _restroke(square: np.ndarray, raster: int) -> np.ndarray:
         ink = _widen(ink, grow, corner=step % 2)
         width = stroke_width(ink)
         # About equal is not worse: the estimate reads a 1 px line and a 2 px one both as about 2 (a
-        # long 1 px line with a few wider bits read 2.27, then 2.24 a pixel wider, and stayed faint).
+        # long thin line with a few wider bits read 2.27 then 2.24, or 3.36 then 3.22, and stayed faint).
         if not ink.any() or abs(width - target) > error + WIDTH_TOLERANCE:
             break
         if abs(width - target) < error:

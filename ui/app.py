@@ -149,7 +149,7 @@ def sketch_inputs(engine: SketchEngine, stroke_width: int) -> tuple[object | Non
             key="upload",
             help=(
                 "Dark lines on a light background (or the reverse), a scan, or a phone photo of a "
-                "drawing on paper; any size up to the limits."
+                "drawing on paper (plain, ruled or squared); any size up to the limits."
             ),
         )
         photo = st.toggle(
