@@ -13,7 +13,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 try:  # HEIC/HEIF, the format phone cameras save photos in, is a Pillow plugin of its own
     from pillow_heif import register_heif_opener
@@ -291,7 +291,9 @@ def crop_to_page(grey: np.ndarray) -> np.ndarray:
         np.float32([[0, 0], [width, 0], [width, height], [0, height]]),
     )
     page, page_light = (
-        cv2.warpPerspective(image, square_up, (width, height), flags=flags)[inset:-inset, inset:-inset]
+        cv2.warpPerspective(image, square_up, (width, height), flags=flags)[
+            inset : height - inset, inset : width - inset
+        ]
         for image, flags in ((grey, cv2.INTER_AREA), (light, cv2.INTER_NEAREST))
     )
     paper_like = (
@@ -338,16 +340,22 @@ def flatten_paper(grey: np.ndarray) -> np.ndarray:
     """Divide out the light falling on a photographed page, so that its paper reads white and its
     ink stays as dark against it as it was.
 
-    The paper's brightness is the brightest pixel nearby (a grey-level dilation over about 8 % of the
-    page, wider than a pen's line), smoothed; a coarse copy of the page keeps that cheap.
+    The paper's brightness is the page with its ink closed over: a grey-level closing (the brightest
+    pixel nearby, then the darkest of those) over about 8 % of the page, wider than a pen's line.
+    Unlike the brightest pixel alone, smoothed, it keeps the edge of a shadow where it is, so that
+    the shadow of a hand or a phone across the page does not leave a dark band beside it. A copy at
+    most 512 px across keeps that cheap.
     """
     height, width = grey.shape
-    scale = 64 / max(height, width)
-    coarse = Image.fromarray(grey).resize(
-        (max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BOX
+    scale = min(1.0, 512 / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    reach = 2 * round(0.04 * max(size)) + 1
+    closed = cv2.morphologyEx(
+        cv2.resize(grey, size, interpolation=cv2.INTER_AREA),
+        cv2.MORPH_CLOSE,
+        np.ones((reach, reach), np.uint8),
     )
-    paper = coarse.filter(ImageFilter.MaxFilter(5)).filter(ImageFilter.GaussianBlur(2))
-    paper = np.asarray(paper.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+    paper = cv2.resize(closed, (width, height), interpolation=cv2.INTER_LINEAR).astype(np.float32)
     return np.clip(grey * (255.0 / np.maximum(paper, 1.0)), 0, 255).astype(np.uint8)
 
 
@@ -454,6 +462,11 @@ def _restroke(square: np.ndarray, raster: int) -> np.ndarray:
     """Redraw the ink at a fixed width (STROKE_WIDTH raster pixels), whatever pen drew it."""
     work = WORK_SCALE * raster
     grey = np.asarray(Image.fromarray(square).resize((work, work), Image.Resampling.BOX), dtype=np.uint8)
+    # PIL's box filter weighs whole pixels by their centres: a lone 1 px line can fall between two of
+    # its windows (313 → 224 px) and vanish. Where all ink did, an area mean keeps it (any other
+    # drawing comes out as in version 2).
+    if grey.min() == 255:
+        grey = cv2.resize(square, (work, work), interpolation=cv2.INTER_AREA)
     # Midway between the ink's typical darkness and white: faint, thin strokes survive the reduction
     # (the darkest pixel alone can be a lone dot where thin strokes cross, leaving the rest behind).
     dark = grey[grey < INK_THRESHOLD]

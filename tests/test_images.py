@@ -274,6 +274,23 @@ def test_ruled_and_squared_paper_is_not_ink(shared_data, ink_similarity):
             assert ink_similarity(as_array(normalize_sketch(page)), reference) > 0.9, (label, n)
 
 
+def test_a_hard_shadow_across_the_page_is_not_ink(shared_data, ink_similarity):
+    """The shadow of a hand or a phone across a photographed page, its edge sharp or soft, is
+    divided out with the rest of the light. Before, the paper's light was the brightest pixel nearby,
+    smoothed, which spread a hard shadow's edge over 8 % of the page: the shadowed paper beside it
+    read as ink (similarity 0.16 to 0.55 for shadows at 70 % and 55 % of the light)."""
+    for label in ("cup", "cat", "airplane", "fish", "table"):
+        record = read_stroke_records(shared_data / "quickdraw-strokes", label)[0]
+        reference = as_array(normalize_sketch(render_strokes(record["drawing"], 400, 6)))
+        photo = as_array(Image.open(io.BytesIO(photographed(render_strokes(record["drawing"], 800, 8), 0))))
+        for depth, edge in ((0.7, 3), (0.55, 3), (0.55, 15)):
+            shade = np.full(photo.shape, 255, np.uint8)
+            shade[:, : 3 * photo.shape[1] // 8] = round(255 * depth)  # across the drawing's left part
+            shade = as_array(Image.fromarray(shade).filter(ImageFilter.GaussianBlur(edge))) / 255
+            shaded = Image.fromarray(np.clip(photo * shade, 0, 255).astype(np.uint8))
+            assert ink_similarity(as_array(normalize_sketch(shaded)), reference) > 0.9, (label, depth, edge)
+
+
 def test_white_paper_and_dark_boards_are_left_as_they_were(shared_data, monkeypatch):
     """Pages are cut out and flattened only where paper is grey or lies on a darker desk, and rules
     taken off only where paper is ruled: every bitmap (some, edge to edge, have a border mostly of

@@ -131,6 +131,7 @@ def test_any_pil_image_gives_a_valid_sketch_or_an_image_error(size, mode, conten
 @example(size=(1, 242), mode="L", seed=5071)  # one 1 px line, which the width estimate reads as 2 px
 @example(size=(1, 154), mode="L", seed=1)  # a long 1 px line, a pixel wider measured 0.03 px thinner
 @example(size=(1, 426), mode="L", seed=433)  # the same, 0.13 px thinner
+@example(size=(475, 1), mode="L", seed=3142)  # one 1 px line that PIL's box filter lost (313 → 224 px)
 def test_black_strokes_on_white_survive_in_every_mode(size, mode, seed):
     """Ink is found whatever the storage: 1-bit, palette, 16-bit, CMYK, with or without alpha."""
     width, height = max(size[0], 8), max(size[1], 8)
