@@ -41,8 +41,10 @@ SKETCH_MARGIN = 0.08
 # the width at which canvases carry their bitmaps' ink (scripts/canvas_ink.py, training drawings).
 STROKE_WIDTH = 1.025
 WORK_SCALE = 8
-# A picture whose border is this much darker than its lightest tenth may be a page on a desk.
+# A picture whose border is this much darker than its lightest hundredth may be a page on a desk.
 SURROUND_CONTRAST = 40
+# A page on a desk is looked for down to this share of the frame (a sticky note shot from arm's length).
+PAGE_SHARE = 0.04
 # How much worse a step of _restroke's may measure before it stops (in WORK_SCALE pixels): a step
 # moves the width by about one, and the estimate wobbles by less than half of that.
 WIDTH_TOLERANCE = 0.5
@@ -224,9 +226,12 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
     name = _describe(source)
     grey = np.asarray(composite_on_white(open_image(source, **limits)).convert("L"), dtype=np.uint8)
     larger_than_bitmap = max(grey.shape) > 2 * raster  # a canvas, scan or photo
-    if larger_than_bitmap and np.median(_border(grey)) < np.percentile(grey, 90) - SURROUND_CONTRAST:
-        # a surround darker than the picture's lightest tenth: a page on a desk, or a board
-        grey = crop_to_page(grey)
+    # A surround darker than the picture's lightest part: a page on a desk, or a board. (A surround
+    # near white, as a canvas has, cannot be, which spares every canvas the percentile.)
+    surround = np.median(_border(grey))
+    if larger_than_bitmap and surround < 255 - SURROUND_CONTRAST:
+        if surround < np.percentile(grey, 99) - SURROUND_CONTRAST:
+            grey = crop_to_page(grey)
     if np.median(_border(grey)) < 128:  # white (or coloured) ink on a dark board
         grey = 255 - grey
     if larger_than_bitmap and np.median(_border(grey)) < PAPER_WHITE:  # a photographed page
@@ -256,10 +261,11 @@ def _border(grey: np.ndarray) -> np.ndarray:
 def crop_to_page(grey: np.ndarray) -> np.ndarray:
     """A page photographed on a darker surface, cut out and squared up: the largest light region,
     its four corners warped to an upright rectangle (a page lying askew or shot at an angle comes
-    out straight), less a 2 % inset for its edge.
+    out straight), less 4 % of it all round for its edge (its shadow, or a sliver of desk where a
+    corner is a little off; about what 2 % of the frame was when the inset went by the frame).
 
     Light strokes on a dark board must stay as they are, so the cut-out counts as a page only
-    when it is as paper is: 15 % of the frame at least, 85 % light (the ink is the rest) and light
+    when it is as paper is: PAGE_SHARE of the frame at least, 85 % light (the ink is the rest) and light
     all round its border (95 %), once lines thinner than 2 % of the frame are closed over (a
     notebook's rules cross its edges). Chalk strokes up to 6 % of the board's width did none of that.
     """
@@ -274,7 +280,7 @@ def crop_to_page(grey: np.ndarray) -> np.ndarray:
     if not contours:
         return grey
     outline = cv2.convexHull(max(contours, key=cv2.contourArea))  # ink along the edge dents it
-    if cv2.contourArea(outline) < 0.15 * grey.size:
+    if cv2.contourArea(outline) < PAGE_SHARE * grey.size:
         return grey
     corners = cv2.approxPolyDP(outline, 0.02 * cv2.arcLength(outline, True), True).reshape(-1, 2)
     if len(corners) != 4:  # a corner out of the frame, or a curled page: its tightest rectangle
@@ -283,7 +289,7 @@ def crop_to_page(grey: np.ndarray) -> np.ndarray:
     top_left, top_right, bottom_right, bottom_left = corners
     width = round((np.linalg.norm(top_right - top_left) + np.linalg.norm(bottom_right - bottom_left)) / 2)
     height = round(width / page_aspect(corners, grey.shape))
-    inset = round(0.02 * max(grey.shape))
+    inset = max(1, round(0.04 * max(width, height)))
     if width <= 2 * inset or height <= 2 * inset:
         return grey
     square_up = cv2.getPerspectiveTransform(
@@ -297,7 +303,9 @@ def crop_to_page(grey: np.ndarray) -> np.ndarray:
         for image, flags in ((grey, cv2.INTER_AREA), (light, cv2.INTER_NEAREST))
     )
     paper_like = (
-        page.size >= 0.15 * grey.size and page_light.mean() >= 0.85 and _border(page_light).mean() >= 0.95
+        page.size >= PAGE_SHARE * grey.size
+        and page_light.mean() >= 0.85
+        and _border(page_light).mean() >= 0.95
     )
     return page if paper_like else grey
 
