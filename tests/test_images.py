@@ -169,6 +169,17 @@ def test_a_photographed_page_reads_like_its_canvas(shared_data, ink_similarity, 
     assert ink_similarity(as_array(normalize_sketch(photo)), reference) < 0.6
 
 
+PAPER_LABELS = ("cup", "cat", "airplane", "fish", "table")
+
+
+def first_drawings(shared_data, labels: tuple[str, ...] = PAPER_LABELS):
+    """Each class's first pen-stroke drawing, with what its 400 px canvas normalises to: the
+    reference that the same drawing on paper, scanned or photographed, must match."""
+    for label in labels:
+        drawing = read_stroke_records(shared_data / "quickdraw-strokes", label)[0]["drawing"]
+        yield label, drawing, as_array(normalize_sketch(render_strokes(drawing, 400, 6)))
+
+
 PHONE_FRAME = (1400, 1100)  # width, height
 
 
@@ -223,18 +234,12 @@ def test_a_page_lying_askew_or_shot_at_an_angle_is_squared_up(shared_data, ink_s
     8 degrees kept the desk's corners, read as light ink on a dark board and came out as a dark blot
     (similarity 0.22 to 0.40), and a desk lighter than mid-grey (130, 150) was taken for paper
     (0.14 to 0.47)."""
-    for label in ("cup", "cat", "airplane", "umbrella", "fish", "table"):
-        record = read_stroke_records(shared_data / "quickdraw-strokes", label)[0]
-        reference = as_array(normalize_sketch(render_strokes(record["drawing"], 400, 6)))
-        page = Image.open(io.BytesIO(photographed(render_strokes(record["drawing"], 800, 8), 0)))
+    for label, drawing, reference in first_drawings(shared_data, (*PAPER_LABELS, "umbrella")):
+        page = Image.open(io.BytesIO(photographed(render_strokes(drawing, 800, 8), 0)))
         for turn, tilt, desk in ((0, 0, 150), (8, 0, 90), (-25, 0, 40), (0, 30, 90), (12, -35, 130)):
             photo = on_desk_askew(page, turn, tilt, seed=len(label), desk=desk)
-            assert ink_similarity(as_array(normalize_sketch(photo)), reference) > 0.9, (
-                label,
-                turn,
-                tilt,
-                desk,
-            )
+            similarity = ink_similarity(as_array(normalize_sketch(photo)), reference)
+            assert similarity > 0.9, (label, turn, tilt, desk)
 
 
 def test_a_small_page_far_off_is_found(shared_data, ink_similarity):
@@ -242,10 +247,8 @@ def test_a_small_page_far_off_is_found(shared_data, ink_similarity):
     as a larger one is. Before, a page was looked for only when it filled 15 % of the frame and the
     frame's lightest tenth was paper, and its edge was trimmed by 2 % of the frame, not by a share of
     the page (similarity 0.07 to 0.24 at 6 % and 10 %)."""
-    for label in ("cup", "cat", "airplane", "fish", "table"):
-        record = read_stroke_records(shared_data / "quickdraw-strokes", label)[0]
-        reference = as_array(normalize_sketch(render_strokes(record["drawing"], 400, 6)))
-        page = Image.open(io.BytesIO(photographed(render_strokes(record["drawing"], 800, 8), 0))).convert("L")
+    for label, drawing, reference in first_drawings(shared_data):
+        page = Image.open(io.BytesIO(photographed(render_strokes(drawing, 800, 8), 0))).convert("L")
         desk = Image.fromarray(
             np.clip(np.random.default_rng(0).normal(90, 8, (1100, 1400)), 0, 255).astype(np.uint8)
         )
@@ -256,7 +259,7 @@ def test_a_small_page_far_off_is_found(shared_data, ink_similarity):
 
 def on_ruled_paper(drawing: Image.Image, rule: tuple[int, int, int], grid: bool, margin: bool) -> Image.Image:
     """A drawing in dark ink on notebook paper: rules every 4 % of the page in ``rule``'s colour
-    (across, and down too for squared paper), and a red margin line."""
+    (across, and down too for squared paper), and a red margin line if asked for."""
     page = Image.new("RGB", drawing.size, "white")
     pen = ImageDraw.Draw(page)
     width, height = page.size
@@ -276,14 +279,12 @@ def test_ruled_and_squared_paper_is_not_ink(shared_data, ink_similarity):
     (blue rules read darker than the ink threshold in grey; faint grey rules still tell that the
     paper is ruled, so that the red margin line goes with them). Before, the rules were ink and the
     drawing a small part of a striped page (similarity 0.20 to 0.60)."""
-    for label in ("cup", "cat", "airplane", "fish", "table"):
-        record = read_stroke_records(shared_data / "quickdraw-strokes", label)[0]
-        reference = as_array(normalize_sketch(render_strokes(record["drawing"], 400, 6)))
-        drawing = render_strokes(record["drawing"], 800, 8)
+    for label, drawing, reference in first_drawings(shared_data):
+        on_paper = render_strokes(drawing, 800, 8)
         pages = [
-            on_ruled_paper(drawing, (120, 160, 220), grid=False, margin=True),
-            on_ruled_paper(drawing, (120, 160, 220), grid=True, margin=False),
-            on_ruled_paper(drawing, (200, 200, 200), grid=False, margin=True),
+            on_ruled_paper(on_paper, (120, 160, 220), grid=False, margin=True),
+            on_ruled_paper(on_paper, (120, 160, 220), grid=True, margin=False),
+            on_ruled_paper(on_paper, (200, 200, 200), grid=False, margin=True),
         ]
         photo = Image.open(io.BytesIO(photographed(pages[0], 1)))
         pages.append(Image.fromarray(on_desk_askew(photo, 10, 20, seed=1)))
@@ -296,10 +297,8 @@ def test_a_hard_shadow_across_the_page_is_not_ink(shared_data, ink_similarity):
     divided out with the rest of the light. Before, the paper's light was the brightest pixel nearby,
     smoothed, which spread a hard shadow's edge over 8 % of the page: the shadowed paper beside it
     read as ink (similarity 0.16 to 0.55 for shadows at 70 % and 55 % of the light)."""
-    for label in ("cup", "cat", "airplane", "fish", "table"):
-        record = read_stroke_records(shared_data / "quickdraw-strokes", label)[0]
-        reference = as_array(normalize_sketch(render_strokes(record["drawing"], 400, 6)))
-        photo = as_array(Image.open(io.BytesIO(photographed(render_strokes(record["drawing"], 800, 8), 0))))
+    for label, drawing, reference in first_drawings(shared_data):
+        photo = as_array(Image.open(io.BytesIO(photographed(render_strokes(drawing, 800, 8), 0))))
         for depth, edge in ((0.7, 3), (0.55, 3), (0.55, 15)):
             shade = np.full(photo.shape, 255, np.uint8)
             shade[:, : 3 * photo.shape[1] // 8] = round(255 * depth)  # across the drawing's left part
