@@ -56,6 +56,9 @@ RULED_LINES = 5
 # lines are found to paint them out on one at most RULED_ERASE across.
 RULED_SEARCH = 256
 RULED_ERASE = 1000
+# A larger picture (a phone photo, a big scan) is reduced to this many pixels across before its
+# drawing is looked for: a 28 px drawing needs nowhere near a phone camera's 12 MP.
+LARGEST_SKETCH = 1600
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
 
@@ -225,6 +228,10 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
     """
     name = _describe(source)
     grey = np.asarray(composite_on_white(open_image(source, **limits)).convert("L"), dtype=np.uint8)
+    if max(grey.shape) > LARGEST_SKETCH:  # a phone photo or a big scan: 28 px need nowhere near 12 MP
+        scale = LARGEST_SKETCH / max(grey.shape)
+        size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
+        grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
     larger_than_bitmap = max(grey.shape) > 2 * raster  # a canvas, scan or photo
     # A surround darker than the picture's lightest part: a page on a desk, or a board. (A surround
     # near white, as a canvas has, cannot be, which spares every canvas the percentile.)
