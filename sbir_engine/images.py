@@ -228,10 +228,7 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
     """
     name = _describe(source)
     grey = np.asarray(composite_on_white(open_image(source, **limits)).convert("L"), dtype=np.uint8)
-    if max(grey.shape) > LARGEST_SKETCH:  # a phone photo or a big scan: 28 px need nowhere near 12 MP
-        scale = LARGEST_SKETCH / max(grey.shape)
-        size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
-        grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
+    grey, _ = shrunk(grey, LARGEST_SKETCH)  # a phone photo or a big scan: 28 px need nowhere near 12 MP
     larger_than_bitmap = max(grey.shape) > 2 * raster  # a canvas, scan or photo
     # A surround darker than the picture's lightest part: a page on a desk, or a board. (A surround
     # near white, as a canvas has, cannot be, which spares every canvas the percentile.)
@@ -263,6 +260,16 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
 
 def _border(grey: np.ndarray) -> np.ndarray:
     return np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+
+
+def shrunk(grey: np.ndarray, longest: int) -> tuple[np.ndarray, float]:
+    """``grey`` reduced to at most ``longest`` px across (an area mean), and the scale it was reduced
+    by: 1 where it was no larger, and then it is returned as it is."""
+    scale = min(1.0, longest / max(grey.shape))
+    if scale == 1.0:
+        return grey, 1.0
+    size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
+    return cv2.resize(grey, size, interpolation=cv2.INTER_AREA), scale
 
 
 def crop_to_page(grey: np.ndarray) -> np.ndarray:
@@ -361,16 +368,10 @@ def flatten_paper(grey: np.ndarray) -> np.ndarray:
     the shadow of a hand or a phone across the page does not leave a dark band beside it. A copy at
     most 512 px across keeps that cheap.
     """
-    height, width = grey.shape
-    scale = min(1.0, 512 / max(height, width))
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    reach = 2 * round(0.04 * max(size)) + 1
-    closed = cv2.morphologyEx(
-        cv2.resize(grey, size, interpolation=cv2.INTER_AREA),
-        cv2.MORPH_CLOSE,
-        np.ones((reach, reach), np.uint8),
-    )
-    paper = cv2.resize(closed, (width, height), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    small, _ = shrunk(grey, 512)
+    reach = 2 * round(0.04 * max(small.shape)) + 1
+    closed = cv2.morphologyEx(small, cv2.MORPH_CLOSE, np.ones((reach, reach), np.uint8))
+    paper = cv2.resize(closed, grey.shape[::-1], interpolation=cv2.INTER_LINEAR).astype(np.float32)
     return np.clip(grey * (255.0 / np.maximum(paper, 1.0)), 0, 255).astype(np.uint8)
 
 
@@ -419,9 +420,7 @@ def _ruled_lines(grey: np.ndarray, search: int) -> np.ndarray:
     ``search`` px across (OpenCV's probabilistic Hough transform; faint rules count, so that
     light grey rules mark a page as ruled too); none where the page is not ruled."""
     height, width = grey.shape
-    scale = min(1.0, search / max(height, width))
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    small = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
+    small, scale = shrunk(grey, search)
     marked = (small < PAPER_WHITE).astype(np.uint8)
     shortest = RULED_SPAN * min(small.shape)
     segments = cv2.HoughLinesP(
