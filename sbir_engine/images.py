@@ -48,6 +48,10 @@ SPECK = 0.02
 SURROUND_CONTRAST = 40
 # A page on a desk is looked for down to this share of the frame (a sticky note shot from arm's length).
 PAGE_SHARE = 0.04
+# Found by its outline, a page is traced by edges all round (this share of its hull) and lighter than
+# the desk around it by at least PAGE_LIFT of its light.
+OUTLINE_TRACED = 0.9
+PAGE_LIFT = 0.03
 # How much worse a step of _restroke's may measure before it stops (in WORK_SCALE pixels): a step
 # moves the width by about one, and the estimate wobbles by less than half of that.
 WIDTH_TOLERANCE = 0.5
@@ -233,12 +237,9 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
     grey = np.asarray(composite_on_white(open_image(source, **limits)).convert("L"), dtype=np.uint8)
     grey, _ = shrunk(grey, LARGEST_SKETCH)  # a phone photo or a big scan: 28 px need nowhere near 12 MP
     larger_than_bitmap = max(grey.shape) > 2 * raster  # a canvas, scan or photo
-    # A surround darker than the picture's lightest part: a page on a desk, or a board. (A surround
-    # near white, as a canvas has, cannot be, which spares every canvas the percentile.)
-    surround = np.median(_border(grey))
-    if larger_than_bitmap and surround < 255 - SURROUND_CONTRAST:
-        if surround < np.percentile(grey, 99) - SURROUND_CONTRAST:
-            grey = crop_to_page(grey)
+    # A surround darker than white: a page on a desk, or a board (a canvas's is white: it is spared the look).
+    if larger_than_bitmap and np.median(_border(grey)) < 255 - SURROUND_CONTRAST:
+        grey = crop_to_page(grey)
     if np.median(_border(grey)) < 128:  # white (or coloured) ink on a dark board
         grey = 255 - grey
     if larger_than_bitmap and np.median(_border(grey)) < PAPER_WHITE:  # a photographed page
@@ -306,16 +307,32 @@ def shrunk(grey: np.ndarray, longest: int) -> tuple[np.ndarray, float]:
 
 
 def crop_to_page(grey: np.ndarray) -> np.ndarray:
-    """A page photographed on a darker surface, cut out and squared up: the largest light region,
-    its four corners warped to an upright rectangle (a page lying askew or shot at an angle comes
-    out straight), less 4 % of it all round for its edge (its shadow, or a sliver of desk where a
-    corner is a little off; about what 2 % of the frame was when the inset went by the frame).
+    """A page photographed on a desk, cut out and squared up: its four corners warped to an upright
+    rectangle (a page lying askew or shot at an angle comes out straight), less 4 % of it all round
+    for its edge (its shadow, or a sliver of desk where a corner is a little off).
 
-    Light strokes on a dark board must stay as they are, so the cut-out counts as a page only
-    when it is as paper is: PAGE_SHARE of the frame at least, 85 % light (the ink is the rest) and light
-    all round its border (95 %), once lines thinner than 2 % of the frame are closed over (a
-    notebook's rules cross its edges). Chalk strokes up to 6 % of the board's width did none of that.
+    Where the surround is SURROUND_CONTRAST darker than the picture's lightest hundredth, the page is
+    the largest light region (``_lightest_region``); where the desk is nearly as light as the paper
+    (a white one), or where no light region is as paper is, it is the largest outline that edges
+    trace all round and that is lighter than the desk around it (``_page_outline``): under light
+    falling off across the frame, the far side of a white desk is lighter than the near side of
+    the page, and no split of grey levels tells them apart. Light strokes on a dark board are no
+    page by either measure, and stay as they are.
     """
+    if np.median(_border(grey)) < np.percentile(grey, 99) - SURROUND_CONTRAST:
+        page = _lightest_region(grey)
+        if page is not None:
+            return page
+    outline = _page_outline(grey)
+    squared = None if outline is None else _squared_up(grey, outline)
+    return grey if squared is None else squared[0]
+
+
+def _lightest_region(grey: np.ndarray) -> np.ndarray | None:
+    """The page as the largest light region, squared up, if it is as paper is: PAGE_SHARE of the
+    frame at least, 85 % light (the ink is the rest) and light all round its border (95 %), once
+    lines thinner than 2 % of the frame are closed over (a notebook's rules cross its edges). Chalk
+    strokes up to 6 % of a board's width did none of that."""
     # Otsu's split of the grey levels into surround and page: a midpoint between the surround and
     # the paper left the shadowed side of a page on a mid-grey desk out.
     _, light = cv2.threshold(cv2.GaussianBlur(grey, (5, 5), 0), 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
@@ -325,10 +342,20 @@ def crop_to_page(grey: np.ndarray) -> np.ndarray:
     light = cv2.morphologyEx(light, cv2.MORPH_CLOSE, np.ones((close, close), np.uint8))
     contours, _ = cv2.findContours(light, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
-        return grey
+        return None
     outline = cv2.convexHull(max(contours, key=cv2.contourArea))  # ink along the edge dents it
+    squared = _squared_up(grey, outline, light)
+    if squared is None:
+        return None
+    page, page_light = squared
+    return page if page_light.mean() >= 0.85 and _border(page_light).mean() >= 0.95 else None
+
+
+def _squared_up(grey: np.ndarray, outline: np.ndarray, *masks: np.ndarray) -> list[np.ndarray] | None:
+    """The page inside ``outline`` (a convex hull) warped to an upright rectangle, less its edge, and
+    each of ``masks`` warped alike; None for an outline too small to be a page."""
     if cv2.contourArea(outline) < PAGE_SHARE * grey.size:
-        return grey
+        return None
     corners = cv2.approxPolyDP(outline, 0.02 * cv2.arcLength(outline, True), True).reshape(-1, 2)
     if len(corners) != 4:  # a corner out of the frame, or a curled page: its tightest rectangle
         corners = cv2.boxPoints(cv2.minAreaRect(outline))
@@ -337,24 +364,41 @@ def crop_to_page(grey: np.ndarray) -> np.ndarray:
     width = round((np.linalg.norm(top_right - top_left) + np.linalg.norm(bottom_right - bottom_left)) / 2)
     height = round(width / page_aspect(corners, grey.shape))
     inset = max(1, round(0.04 * max(width, height)))
-    if width <= 2 * inset or height <= 2 * inset:
-        return grey
+    if min(width, height) <= 2 * inset or (width - 2 * inset) * (height - 2 * inset) < PAGE_SHARE * grey.size:
+        return None
     square_up = cv2.getPerspectiveTransform(
         corners,
         np.float32([[0, 0], [width, 0], [width, height], [0, height]]),
     )
-    page, page_light = (
+    return [
         cv2.warpPerspective(image, square_up, (width, height), flags=flags)[
             inset : height - inset, inset : width - inset
         ]
-        for image, flags in ((grey, cv2.INTER_AREA), (light, cv2.INTER_NEAREST))
-    )
-    paper_like = (
-        page.size >= PAGE_SHARE * grey.size
-        and page_light.mean() >= 0.85
-        and _border(page_light).mean() >= 0.95
-    )
-    return page if paper_like else grey
+        for image, flags in ((grey, cv2.INTER_AREA), *((mask, cv2.INTER_NEAREST) for mask in masks))
+    ]
+
+
+def _page_outline(grey: np.ndarray) -> np.ndarray | None:
+    """The page's outline where brightness alone cannot tell it from the desk: the largest shape
+    that edges enclose (Canny's, on a copy at most 512 px across), if the edges run all round it
+    (OUTLINE_TRACED of its hull), as a page's do and a drawing's hull's, passing over the board
+    between strokes, do not, and if it is lighter than the desk around it (PAGE_LIFT), as paper on
+    a white desk is and a dark object is not. Its corners are in ``grey``'s pixels."""
+    small, scale = shrunk(grey, 512)
+    edges = cv2.dilate(cv2.Canny(cv2.GaussianBlur(small, (5, 5), 0), 10, 30), np.ones((3, 3), np.uint8))
+    contours, _ = cv2.findContours(edges, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return None
+    outline = cv2.convexHull(max(contours, key=cv2.contourArea))
+    hull = cv2.polylines(np.zeros_like(small), [outline], True, 1) > 0
+    if (cv2.dilate(edges, np.ones((3, 3), np.uint8))[hull] > 0).mean() < OUTLINE_TRACED:
+        return None
+    inside = cv2.fillConvexPoly(np.zeros_like(small), outline, 1)
+    reach = 2 * round(0.02 * max(small.shape)) + 1
+    around = cv2.dilate(inside, np.ones((reach, reach), np.uint8)) > inside
+    if not around.any() or np.median(small[around]) >= (1 - PAGE_LIFT) * np.median(small[inside > 0]):
+        return None
+    return (outline / scale).astype(np.float32)
 
 
 def _clockwise_from_top_left(corners: np.ndarray) -> np.ndarray:
