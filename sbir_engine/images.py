@@ -44,6 +44,8 @@ WORK_SCALE = 8
 # A mark whose longer side is under this share of the frame's is a speck, and left out of the crop when
 # it lies further than that from the rest of the drawing (dust on a scan, a stray tap on a canvas).
 SPECK = 0.02
+# A mark along this share of a side of the frame is a band at its edge (a scanner's), not the drawing's.
+EDGE_BAND = 0.9
 # A picture whose border is this much darker than its lightest hundredth may be a page on a desk.
 SURROUND_CONTRAST = 40
 # A page on a desk is looked for down to this share of the frame (a sticky note shot from arm's length).
@@ -269,22 +271,28 @@ def _box(ink: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def drawing_box(ink: np.ndarray) -> tuple[int, int, int, int]:
-    """The box of a drawing's ink (top, bottom, left, right; ends exclusive), less the specks apart
-    from it: a grain of dust on a scan or a stray tap on a canvas would otherwise stretch the crop
-    and shrink the drawing into a corner of it (a 2 px speck took a scanned cup's likeness to its
-    canvas from 0.97 to 0.34). A speck is a mark whose longer side is under SPECK of the frame's; one
-    within that distance of the other marks' box counts as part of the drawing, as do all marks when
-    every one of them is a speck."""
-    _, _, stats, _ = cv2.connectedComponentsWithStats(ink.astype(np.uint8), connectivity=8)
+    """The box of a drawing's ink (top, bottom, left, right; ends exclusive), less the marks that are
+    not the drawing's: specks apart from it (a grain of dust on a scan, a stray tap on a canvas),
+    which would stretch the crop and shrink the drawing into a corner of it (a 2 px speck took a
+    scanned cup's likeness to its canvas from 0.97 to 0.34), and bands along an edge of the frame
+    (the dark edge of a scanner's glass beyond the page), which would do that and become a thick
+    stroke of their own. A speck is a mark whose longer side is under SPECK of the frame's; one
+    within that distance of the drawing's box counts as part of it. A band lies along EDGE_BAND of a
+    side of the frame. Where every mark is one or the other, all of them count."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(ink.astype(np.uint8), connectivity=8)
     left, top, width, height = (stats[1:, i] for i in range(4))  # row 0 is the paper
     bottom, right = top + height, left + width
     reach = SPECK * max(ink.shape)
     speck = np.maximum(width, height) < reach
-    if speck.all() or not speck.any():
+    band = np.zeros_like(speck)
+    for side in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        band |= np.bincount(side, minlength=count)[1:] >= EDGE_BAND * side.size
+    body = ~speck & ~band
+    if not body.any() or body.all():
         return _box(ink)
-    body = ~speck
     near = body | (
-        (bottom > top[body].min() - reach)
+        speck
+        & (bottom > top[body].min() - reach)
         & (top < bottom[body].max() + reach)
         & (right > left[body].min() - reach)
         & (left < right[body].max() + reach)
