@@ -213,6 +213,22 @@ def composite_on_white(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _drawing_grey(image: Image.Image) -> np.ndarray:
+    """A sketch's grey levels, composited onto white; but where a transparent background holds strokes
+    lighter than ink (white or yellow ones, as drawing apps in dark mode export them), which white
+    would swallow, their opacity is the ink."""
+    grey = np.asarray(composite_on_white(image).convert("L"), dtype=np.uint8)
+    if image.mode not in ("RGBA", "RGBa", "LA", "La", "PA", "P"):
+        return grey
+    rgba = np.asarray((image.convert("LA") if image.mode == "La" else image).convert("RGBA"))
+    drawn = rgba[..., 3] > 127
+    if 0 < drawn.mean() < 0.5:  # strokes, not an opaque card with transparent corners
+        colour = np.asarray(Image.fromarray(rgba[..., :3]).convert("L"))
+        if np.median(colour[drawn]) >= INK_THRESHOLD:
+            return 255 - rgba[..., 3]
+    return grey
+
+
 def load_rgb(source: ImageSource, size: int, **limits: int) -> np.ndarray:
     """A gallery image or photo as the network sees it: float32 RGB 0–255, size×size."""
     rgb = composite_on_white(open_image(source, **limits))
@@ -236,7 +252,7 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
     learnt from.
     """
     name = _describe(source)
-    grey = np.asarray(composite_on_white(open_image(source, **limits)).convert("L"), dtype=np.uint8)
+    grey = _drawing_grey(open_image(source, **limits))
     grey, _ = shrunk(grey, LARGEST_SKETCH)  # a phone photo or a big scan: 28 px need nowhere near 12 MP
     larger_than_bitmap = max(grey.shape) > 2 * raster  # a canvas, scan or photo
     # A surround darker than white: a page on a desk, or a board (a canvas's is white: it is spared the look).
@@ -249,6 +265,12 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
     if larger_than_bitmap:
         grey = erase_ruled_lines(grey)
     ink = grey < INK_THRESHOLD
+    if not ink.any() and grey.min() < PAPER_WHITE:
+        raise EmptySketchError(
+            name,
+            f"no ink found: its marks are all lighter than grey level {INK_THRESHOLD}, too light to tell "
+            "from paper (as yellow on white is): draw in a darker colour",
+        )
     if not ink.any():
         raise EmptySketchError(name, "the sketch is empty (no ink found)")
     top, bottom, left, right = drawing_box(ink) if larger_than_bitmap else _box(ink)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from sbir_engine.build import build_index
@@ -292,12 +292,17 @@ def bad_queries(corpus: Corpus, folder: Path) -> dict[str, tuple[Path, str]]:
     kinds = {Path(r).stem: (corpus.root / r, pattern) for r, pattern in corpus.bad.items()}
     blank = folder / "blank sketch é.png"
     Image.new("RGB", (300, 300), "white").save(blank)
+    yellow = folder / "yellow pen.png"
+    drawn = Image.new("RGB", (300, 300), "white")
+    ImageDraw.Draw(drawn).ellipse((60, 60, 240, 240), outline=(255, 230, 0), width=6)
+    drawn.save(yellow)
     huge = folder / "huge.png"
     huge.write_bytes((corpus.root / corpus.good[0]).read_bytes() + b"\0" * (10 * 1024 * 1024))
     kinds.update(
         missing=(folder / "missing.png", r"cannot be read \(No such file or directory\)"),
         text=(corpus.root / "cat/readme.txt", r"not a recognised image format"),
         blank=(blank, r"the sketch is empty \(no ink found\)"),
+        yellow=(yellow, r"no ink found: its marks are all lighter than grey level 200, too light"),
         huge=(huge, r"file is [\d,]+ bytes, over the limit of 10,485,760"),
     )
     return kinds

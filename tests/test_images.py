@@ -128,6 +128,26 @@ def test_transparent_black_background_becomes_white(cat_strokes):
     assert np.median(out) > 250 and out.min() < 60
 
 
+def test_light_strokes_on_a_transparent_background_are_ink(cat_strokes, monkeypatch):
+    """White, yellow or light grey strokes on a transparent background, as drawing apps in dark mode
+    export them, read as the same strokes in black: their opacity is the ink. Composited onto white,
+    as before, they vanished (no ink found)."""
+    black = render_strokes(cat_strokes[0], 400, 6, rgba=True)
+    light = []
+    for colour in ((255, 255, 255), (255, 230, 0), (200, 200, 200)):
+        strokes = np.asarray(black).copy()
+        strokes[..., :3] = colour
+        light.append(Image.fromarray(strokes))
+    for drawing in light:
+        assert np.array_equal(as_array(normalize_sketch(drawing)), as_array(normalize_sketch(black)))
+    monkeypatch.setattr(
+        images, "_drawing_grey", lambda image: np.asarray(images.composite_on_white(image).convert("L"))
+    )
+    for drawing in light:
+        with pytest.raises(EmptySketchError):
+            normalize_sketch(drawing)
+
+
 def test_white_on_black_is_inverted(cat_strokes, ink_similarity):
     black_on_white = render_strokes(cat_strokes[2], 300, 5)
     inverted = Image.fromarray(255 - np.asarray(black_on_white))
