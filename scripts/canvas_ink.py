@@ -17,8 +17,10 @@ bitmaps"). Training drawings only, so nothing held out is looked at.
 from __future__ import annotations
 
 import argparse
+import importlib
 import subprocess
-import types
+import sys
+import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,17 +36,21 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def normaliser_at(revision: str):
-    """``normalize_sketch`` as ``sbir_engine/images.py`` had it at ``revision``."""
-    source = subprocess.run(
-        ["git", "show", f"{revision}:sbir_engine/images.py"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    module = types.ModuleType("images_at_revision")
-    exec(compile(source, f"{revision}:sbir_engine/images.py", "exec"), module.__dict__)
-    return module.normalize_sketch
+    """``normalize_sketch`` as ``sbir_engine/images.py`` had it at ``revision``, with that revision's
+    ``paper.py`` beside it where it had one (the page handling lived in ``images.py`` until then)."""
+    package = Path(tempfile.mkdtemp()) / f"sbir_engine_at_{abs(hash(revision)):x}"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name in ("images.py", "paper.py"):
+        shown = subprocess.run(
+            ["git", "show", f"{revision}:sbir_engine/{name}"], cwd=REPO, capture_output=True, text=True
+        )
+        if shown.returncode == 0:
+            (package / name).write_text(shown.stdout)
+        elif name == "images.py":
+            raise SystemExit(f"no sbir_engine/images.py at {revision}: {shown.stderr.strip()}")
+    sys.path.insert(0, str(package.parent))
+    return importlib.import_module(f"{package.name}.images").normalize_sketch
 
 
 def normaliser_versions(against: str | None) -> dict[str, Callable]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from sbir_engine import images
+from sbir_engine import images, paper
 from sbir_engine.config import EngineConfig
 from sbir_engine.data import read_quickdraw_bitmaps, read_stroke_records
 from sbir_engine.images import (
@@ -18,10 +18,9 @@ from sbir_engine.images import (
     load_rgb,
     load_sketch,
     normalize_sketch,
-    page_aspect,
     render_strokes,
-    stroke_width,
 )
+from sbir_engine.paper import page_aspect, stroke_width
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +312,7 @@ def test_a_page_on_a_white_desk_is_found_by_its_outline(shared_data, ink_similar
     ]
     for reference, photo in photos:
         assert ink_similarity(as_array(normalize_sketch(photo)), reference) > 0.9
-    monkeypatch.setattr(images, "_page_outline", lambda grey: None)
+    monkeypatch.setattr(paper, "_page_outline", lambda grey: None)
     askew_on_white = [ink_similarity(as_array(normalize_sketch(p)), r) for r, p in photos[:3]]
     assert max(askew_on_white) < 0.7
 
