@@ -20,6 +20,7 @@ from .paper import (
     SURROUND_CONTRAST,
     border,
     crop_to_page,
+    darkest_side,
     erase_ruled_lines,
     flatten_paper,
     shrunk,
@@ -51,8 +52,6 @@ WORK_SCALE = 8
 # A mark whose longer side is under this share of the frame's is a speck, and left out of the crop when
 # it lies further than that from the rest of the drawing (dust on a scan, a stray tap on a canvas).
 SPECK = 0.02
-# A mark along this share of a side of the frame is a band at its edge (a scanner's), not the drawing's.
-EDGE_BAND = 0.9
 # How much worse a step of _restroke's may measure before it stops (in WORK_SCALE pixels): a step
 # moves the width by about one, and the estimate wobbles by less than half of that.
 WIDTH_TOLERANCE = 0.5
@@ -211,12 +210,13 @@ def _drawing_grey(image: Image.Image) -> np.ndarray:
     grey = np.asarray(composite_on_white(image).convert("L"), dtype=np.uint8)
     if image.mode not in ("RGBA", "RGBa", "LA", "La", "PA", "P"):
         return grey
-    rgba = np.asarray((image.convert("LA") if image.mode == "La" else image).convert("RGBA"))
-    drawn = rgba[..., 3] > 127
-    if 0 < drawn.mean() < 0.5:  # strokes, not an opaque card with transparent corners
-        colour = np.asarray(Image.fromarray(rgba[..., :3]).convert("L"))
-        if np.median(colour[drawn]) >= INK_THRESHOLD:
-            return 255 - rgba[..., 3]
+    if image.mode not in ("RGBA", "LA", "PA"):  # premultiplied or palette: PIL's alpha comes by conversion
+        image = image.convert("LA" if image.mode == "La" else "RGBA")
+    alpha = np.asarray(image.getchannel("A"))
+    drawn = np.count_nonzero(alpha > 127)
+    # Strokes (not an opaque card with transparent corners) that white swallowed (not dark ones).
+    if 0 < drawn < 0.5 * grey.size and np.count_nonzero(grey < INK_THRESHOLD) < 0.5 * drawn:
+        return 255 - alpha
     return grey
 
 
@@ -247,7 +247,7 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
     grey, _ = shrunk(grey, LARGEST_SKETCH)  # a phone photo or a big scan: 28 px need nowhere near 12 MP
     larger_than_bitmap = max(grey.shape) > 2 * raster  # a canvas, scan or photo
     # A surround darker than white: a page on a desk, or a board (a canvas's is white: it is spared the look).
-    if larger_than_bitmap and np.median(border(grey)) < 255 - SURROUND_CONTRAST:
+    if larger_than_bitmap and min(np.median(border(grey)), darkest_side(grey)) < 255 - SURROUND_CONTRAST:
         grey = crop_to_page(grey)
     if np.median(border(grey)) < 128:  # white (or coloured) ink on a dark board
         grey = 255 - grey
@@ -284,28 +284,22 @@ def _box(ink: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def drawing_box(ink: np.ndarray) -> tuple[int, int, int, int]:
-    """The box of a drawing's ink (top, bottom, left, right; ends exclusive), less the marks that are
-    not the drawing's: specks apart from it (a grain of dust on a scan, a stray tap on a canvas),
-    which would stretch the crop and shrink the drawing into a corner of it (a 2 px speck took a
-    scanned cup's likeness to its canvas from 0.97 to 0.34), and bands along an edge of the frame
-    (the dark edge of a scanner's glass beyond the page), which would do that and become a thick
-    stroke of their own. A speck is a mark whose longer side is under SPECK of the frame's; one
-    within that distance of the drawing's box counts as part of it. A band lies along EDGE_BAND of a
-    side of the frame. Where every mark is one or the other, all of them count."""
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(ink.astype(np.uint8), connectivity=8)
+    """The box of a drawing's ink (top, bottom, left, right; ends exclusive), less the specks apart
+    from it: a grain of dust on a scan or a stray tap on a canvas would otherwise stretch the crop
+    and shrink the drawing into a corner of it (a 2 px speck took a scanned cup's likeness to its
+    canvas from 0.97 to 0.34). A speck is a mark whose longer side is under SPECK of the frame's; one
+    within that distance of the other marks' box counts as part of the drawing, as do all marks when
+    every one of them is a speck."""
+    _, _, stats, _ = cv2.connectedComponentsWithStats(ink.astype(np.uint8), connectivity=8)
     left, top, width, height = (stats[1:, i] for i in range(4))  # row 0 is the paper
     bottom, right = top + height, left + width
     reach = SPECK * max(ink.shape)
     speck = np.maximum(width, height) < reach
-    band = np.zeros_like(speck)
-    for side in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
-        band |= np.bincount(side, minlength=count)[1:] >= EDGE_BAND * side.size
-    body = ~speck & ~band
-    if not body.any() or body.all():
+    if speck.all() or not speck.any():
         return _box(ink)
+    body = ~speck
     near = body | (
-        speck
-        & (bottom > top[body].min() - reach)
+        (bottom > top[body].min() - reach)
         & (top < bottom[body].max() + reach)
         & (right > left[body].min() - reach)
         & (left < right[body].max() + reach)

@@ -12,6 +12,8 @@ import numpy as np
 # does, is flattened to white before ink is looked for. Canvases, white scans and QuickDraw's bitmaps
 # (whose ink can cover most of their border) are left exactly as they were: version 2 holds (tested).
 PAPER_WHITE = 235
+# A side of the frame dark along this share of it is surround, not ink.
+EDGE_BAND = 0.9
 # A picture whose border is this much darker than its lightest hundredth may be a page on a desk.
 SURROUND_CONTRAST = 40
 # A page on a desk is looked for down to this share of the frame (a sticky note shot from arm's length).
@@ -35,6 +37,14 @@ def border(grey: np.ndarray) -> np.ndarray:
     return np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
 
 
+def darkest_side(grey: np.ndarray) -> float:
+    """The grey level that the darkest side of the picture stays under along EDGE_BAND of it: a strip
+    of desk beside a page that fills the rest of the frame, or the dark edge of a scanner's glass."""
+    return float(
+        min(np.percentile(side, 100 * EDGE_BAND) for side in (grey[0], grey[-1], grey[:, 0], grey[:, -1]))
+    )
+
+
 def shrunk(grey: np.ndarray, longest: int) -> tuple[np.ndarray, float]:
     """``grey`` reduced to at most ``longest`` px across (an area mean), and the scale it was reduced
     by: 1 where it was no larger, and then it is returned as it is."""
@@ -51,15 +61,21 @@ def crop_to_page(grey: np.ndarray) -> np.ndarray:
     for its edge (its shadow, or a sliver of desk where a corner is a little off).
 
     Where the surround is SURROUND_CONTRAST darker than the picture's lightest hundredth, the page is
-    the largest light region (``_lightest_region``); where the desk is nearly as light as the paper
+    the largest light region (``_lightest_region``). So it is where one side alone is that dark nearly
+    all along (``darkest_side``: a strip of desk beside a page photographed close up, the edge of a
+    scanner's glass), if what lies outside the page is bare: a shadow along a side of the page holds
+    the drawing's strokes and stays. Where the desk is nearly as light as the paper
     (a white one), or where no light region is as paper is, it is the largest outline that edges
     trace all round and that is lighter than the desk around it (``_page_outline``): under light
     falling off across the frame, the far side of a white desk is lighter than the near side of
     the page, and no split of grey levels tells them apart. Light strokes on a dark board are no
     page by either measure, and stay as they are.
     """
-    if np.median(border(grey)) < np.percentile(grey, 99) - SURROUND_CONTRAST:
-        page = _lightest_region(grey)
+    lightest = np.percentile(grey, 99)
+    on_a_desk = np.median(border(grey)) < lightest - SURROUND_CONTRAST
+    beside_a_strip = not on_a_desk and darkest_side(grey) < lightest - SURROUND_CONTRAST
+    if on_a_desk or beside_a_strip:
+        page = _lightest_region(grey, bare_surround=beside_a_strip)
         if page is not None:
             return page
     outline = _page_outline(grey)
@@ -67,11 +83,12 @@ def crop_to_page(grey: np.ndarray) -> np.ndarray:
     return grey if squared is None else squared[0]
 
 
-def _lightest_region(grey: np.ndarray) -> np.ndarray | None:
+def _lightest_region(grey: np.ndarray, bare_surround: bool = False) -> np.ndarray | None:
     """The page as the largest light region, squared up, if it is as paper is: PAGE_SHARE of the
     frame at least, 85 % light (the ink is the rest) and light all round its border (95 %), once
     lines thinner than 2 % of the frame are closed over (a notebook's rules cross its edges). Chalk
-    strokes up to 6 % of a board's width did none of that."""
+    strokes up to 6 % of a board's width did none of that. With ``bare_surround``, only if nothing
+    is drawn outside it (``_marked``)."""
     # Otsu's split of the grey levels into surround and page: a midpoint between the surround and
     # the paper left the shadowed side of a page on a mid-grey desk out.
     _, light = cv2.threshold(cv2.GaussianBlur(grey, (5, 5), 0), 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
@@ -83,11 +100,27 @@ def _lightest_region(grey: np.ndarray) -> np.ndarray | None:
     if not contours:
         return None
     outline = cv2.convexHull(max(contours, key=cv2.contourArea))  # ink along the edge dents it
+    if bare_surround and _marked(grey, outline):
+        return None
     squared = _squared_up(grey, outline, light)
     if squared is None:
         return None
     page, page_light = squared
     return page if page_light.mean() >= 0.85 and border(page_light).mean() >= 0.95 else None
+
+
+def _marked(grey: np.ndarray, outline: np.ndarray) -> bool:
+    """Whether the picture outside ``outline`` holds marks: more than 0.2 % of it darker by
+    SURROUND_CONTRAST than what is around it (looked at on a copy at most 512 px across). A shadow
+    across part of a page holds the drawing's strokes; a desk or a scanner's lid does not."""
+    small, scale = shrunk(grey, 512)
+    near = np.ones((2 * round(0.01 * max(small.shape)) + 1,) * 2, np.uint8)
+    page = np.round(outline * scale).astype(np.int32)
+    outside = cv2.erode(cv2.fillConvexPoly(np.ones_like(small), page, 0), near) > 0  # not the page's edge
+    if not outside.any():
+        return False
+    surround = cv2.morphologyEx(small, cv2.MORPH_CLOSE, near)
+    return bool((small[outside] < surround[outside].astype(int) - SURROUND_CONTRAST).mean() > 0.002)
 
 
 def _squared_up(grey: np.ndarray, outline: np.ndarray, *masks: np.ndarray) -> list[np.ndarray] | None:
