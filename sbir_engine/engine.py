@@ -195,9 +195,9 @@ class SketchEngine:
                 return neighbours
             depth = min(2 * depth, deepest)
 
-    def resolve(self, neighbour: Neighbour) -> Path:
-        """The gallery file of a result."""
-        return self.gallery_root / neighbour.path
+    def resolve(self, result: Neighbour | str) -> Path:
+        """The gallery file of a result, or of a path relative to the gallery as results give it."""
+        return self.gallery_root / (result.path if isinstance(result, Neighbour) else result)
 
     @staticmethod
     def _neighbours(index: GalleryIndex, scores: np.ndarray, ids: np.ndarray) -> list[Neighbour]:

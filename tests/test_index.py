@@ -52,6 +52,8 @@ def test_query_returns_label_probabilities_and_k_neighbours(engine, umbrella_can
     scores = [n.score for n in result.neighbours]
     assert scores == sorted(scores, reverse=True) and -1.0 <= scores[-1] <= scores[0] <= 1.0 + 1e-5
     assert engine.resolve(result.neighbours[0]).is_file()
+    first = result.neighbours[0]
+    assert engine.resolve(first.path) == engine.resolve(first)  # the page passes a path
     # A clear umbrella finds umbrellas.
     assert sum(n.label == "umbrella" for n in result.neighbours) >= 4
 

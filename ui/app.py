@@ -286,7 +286,7 @@ def main() -> None:
     path = chosen[0]
     st.caption(f"More like the gallery image {path}")
     st.button("Back to the query's results", key="back", on_click=st.session_state.pop, args=(MORE_LIKE,))
-    run_query(engine, engine.gallery_root / path, f"the gallery image {path}", k, same_class, photo=True)
+    run_query(engine, engine.resolve(path), f"the gallery image {path}", k, same_class, photo=True)
 
 
 if __name__ == "__main__":
