@@ -17,10 +17,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .paper import (
     PAPER_WHITE,
-    SURROUND_CONTRAST,
     border,
     crop_to_page,
-    darkest_side,
     erase_ruled_lines,
     flatten_paper,
     shrunk,
@@ -246,8 +244,7 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
     grey = _drawing_grey(open_image(source, **limits))
     grey, _ = shrunk(grey, LARGEST_SKETCH)  # a phone photo or a big scan: 28 px need nowhere near 12 MP
     larger_than_bitmap = max(grey.shape) > 2 * raster  # a canvas, scan or photo
-    # A surround darker than white: a page on a desk, or a board (a canvas's is white: it is spared the look).
-    if larger_than_bitmap and min(np.median(border(grey)), darkest_side(grey)) < 255 - SURROUND_CONTRAST:
+    if larger_than_bitmap:  # a page on a desk is cut out of it (a canvas is left as it is)
         grey = crop_to_page(grey)
     if np.median(border(grey)) < 128:  # white (or coloured) ink on a dark board
         grey = 255 - grey

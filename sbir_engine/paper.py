@@ -32,17 +32,20 @@ RULED_SEARCH = 256
 RULED_ERASE = 1000
 
 
+def _sides(grey: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The picture's outermost rows and columns: top, bottom, left, right."""
+    return grey[0], grey[-1], grey[:, 0], grey[:, -1]
+
+
 def border(grey: np.ndarray) -> np.ndarray:
     """The picture's outermost rows and columns, one after another."""
-    return np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    return np.concatenate(_sides(grey))
 
 
 def darkest_side(grey: np.ndarray) -> float:
     """The grey level that the darkest side of the picture stays under along EDGE_BAND of it: a strip
     of desk beside a page that fills the rest of the frame, or the dark edge of a scanner's glass."""
-    return float(
-        min(np.percentile(side, 100 * EDGE_BAND) for side in (grey[0], grey[-1], grey[:, 0], grey[:, -1]))
-    )
+    return float(min(np.percentile(side, 100 * EDGE_BAND) for side in _sides(grey)))
 
 
 def shrunk(grey: np.ndarray, longest: int) -> tuple[np.ndarray, float]:
@@ -69,11 +72,15 @@ def crop_to_page(grey: np.ndarray) -> np.ndarray:
     trace all round and that is lighter than the desk around it (``_page_outline``): under light
     falling off across the frame, the far side of a white desk is lighter than the near side of
     the page, and no split of grey levels tells them apart. Light strokes on a dark board are no
-    page by either measure, and stay as they are.
+    page by either measure, and stay as they are. A picture whose surround is white (a canvas, a
+    white scan) is no page on a desk, and is spared the looking.
     """
+    surround, strip = np.median(border(grey)), darkest_side(grey)
+    if min(surround, strip) >= 255 - SURROUND_CONTRAST:
+        return grey
     lightest = np.percentile(grey, 99)
-    on_a_desk = np.median(border(grey)) < lightest - SURROUND_CONTRAST
-    beside_a_strip = not on_a_desk and darkest_side(grey) < lightest - SURROUND_CONTRAST
+    on_a_desk = surround < lightest - SURROUND_CONTRAST
+    beside_a_strip = not on_a_desk and strip < lightest - SURROUND_CONTRAST
     if on_a_desk or beside_a_strip:
         page = _lightest_region(grey, bare_surround=beside_a_strip)
         if page is not None:

@@ -272,8 +272,9 @@ def test_a_phone_cameras_full_size_photo_is_reduced_first(shared_data, ink_simil
         return find_page(grey)
 
     find_page = images.crop_to_page
+    drawings = list(first_drawings(shared_data, ("cup", "fish")))  # their canvases pass crop_to_page too
     monkeypatch.setattr(images, "crop_to_page", crop_to_page)
-    for label, drawing, reference in first_drawings(shared_data, ("cup", "fish")):
+    for label, drawing, reference in drawings:
         page = Image.open(io.BytesIO(photographed(render_strokes(drawing, 800, 8), 0)))
         full_size = Image.fromarray(on_desk_askew(page, 10, 20, seed=1)).resize((4032, 3024))
         assert ink_similarity(as_array(normalize_sketch(full_size)), reference) > 0.9, label
@@ -426,8 +427,7 @@ def test_a_strip_along_one_side_is_cut_off(shared_data, ink_similarity, monkeypa
         pictures.append((reference, np.pad(np.asarray(photo), ((0, 0), (40, 0)), constant_values=90)))
     for reference, picture in pictures:
         assert ink_similarity(as_array(normalize_sketch(picture)), reference) > 0.9
-    for module in (images, paper):  # the border's median alone, as before
-        monkeypatch.setattr(module, "darkest_side", lambda grey: 255.0)
+    monkeypatch.setattr(paper, "darkest_side", lambda grey: 255.0)  # the border's median alone, as before
     for reference, picture in pictures:
         assert ink_similarity(as_array(normalize_sketch(picture)), reference) < 0.6
 
