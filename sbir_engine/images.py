@@ -41,6 +41,12 @@ PREPROCESSING_VERSION = 2
 
 # Ink is anything darker than this on the 0–255 grey scale after compositing onto white.
 INK_THRESHOLD = 200
+# A drawing larger than a bitmap whose marks (what is darker than paper, PAPER_WHITE) are at their
+# darkest (their darkest tenth) lighter than FAINT is a faint one (a pencil pressed lightly, a light
+# grey pen), and its grey levels are stretched until those marks read as ink; up to FAINTEST, lighter
+# than which marks cannot be told from paper's grain (yellow on white reads 226).
+FAINT = 180
+FAINTEST = 220
 # White border around the ink, as a fraction of its longer side: about what QuickDraw bitmaps leave.
 SKETCH_MARGIN = 0.08
 # Canvas strokes are redrawn at this width (in raster pixels) at WORK_SCALE × the raster's resolution:
@@ -251,13 +257,13 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
     if larger_than_bitmap and np.median(border(grey)) < PAPER_WHITE:  # a photographed page
         grey = flatten_paper(grey)
     if larger_than_bitmap:
-        grey = erase_ruled_lines(grey)
+        grey = _darkened(erase_ruled_lines(grey))
     ink = grey < INK_THRESHOLD
     if not ink.any() and grey.min() < PAPER_WHITE:
         raise EmptySketchError(
             name,
-            f"no ink found: its marks are all lighter than grey level {INK_THRESHOLD}, too light to tell "
-            "from paper (as yellow on white is): draw in a darker colour",
+            f"no ink found: its marks are all too light to tell from paper (a stroke needs grey level "
+            f"{FAINTEST} or darker; yellow on white is lighter): draw in a darker colour",
         )
     if not ink.any():
         raise EmptySketchError(name, "the sketch is empty (no ink found)")
@@ -271,6 +277,43 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
     if side > 2 * raster:  # a canvas or a scan, not a bitmap: give its strokes the bitmaps' width
         square = _restroke(square, raster)
     return Image.fromarray(square).resize((raster, raster), Image.Resampling.BOX)
+
+
+def _darkened(grey: np.ndarray) -> np.ndarray:
+    """A faint drawing's grey levels stretched so that its strokes read as ink as a pen's do: the
+    darkest tenth of its marks turns black, and paper stays white. Without it the ink threshold cut
+    through strokes about as light as it (at grey level 204 the crop followed their darkest grains)
+    and found none in lighter ones. It works on a lightly smoothed copy, so that the paper's grain is
+    not stretched into ink, and only where the marks hold a stroke (a mark at least SPECK of the
+    frame long), which a blank page's grain does not."""
+    marks = grey[grey < PAPER_WHITE]
+    if not marks.size:
+        return grey
+    level = float(np.percentile(marks, 10))
+    if not FAINT <= level <= FAINTEST:
+        return grey
+    smooth = cv2.GaussianBlur(grey, (3, 3), 0)
+    _, _, stats, _ = cv2.connectedComponentsWithStats((smooth < PAPER_WHITE).astype(np.uint8), connectivity=8)
+    if not (stats[1:, 2:4].max(axis=1) >= SPECK * max(grey.shape)).any():
+        return grey
+    # White is where the paper's grain ends, its median less four spreads (the median absolute
+    # deviation as a sigma), rather than PAPER_WHITE: thin strokes lose contrast in the smoothing.
+    counts = _histogram(smooth)
+    paper = _quantile(counts, 0.5)
+    spread = 1.4826 * _quantile(np.bincount(np.abs(np.arange(256) - paper), weights=counts), 0.5)
+    white = max(PAPER_WHITE, paper - max(4 * spread, 4))
+    stretched = (np.arange(256) - level) * (255 / (white - level))
+    return np.clip(np.rint(stretched), 0, 255).astype(np.uint8)[smooth]
+
+
+def _histogram(grey: np.ndarray) -> np.ndarray:
+    """How many pixels have each grey level (OpenCV's count is some ten times numpy's bincount)."""
+    return cv2.calcHist([grey], [0], None, [256], [0, 256]).ravel()
+
+
+def _quantile(counts: np.ndarray, share: float) -> int:
+    """The grey level at ``share`` of a histogram's pixels (the lowest level that reaches it)."""
+    return int(np.searchsorted(np.cumsum(counts), share * counts.sum()))
 
 
 def _box(ink: np.ndarray) -> tuple[int, int, int, int]:

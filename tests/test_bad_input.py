@@ -294,7 +294,7 @@ def bad_queries(corpus: Corpus, folder: Path) -> dict[str, tuple[Path, str]]:
     Image.new("RGB", (300, 300), "white").save(blank)
     yellow = folder / "yellow pen.png"
     drawn = Image.new("RGB", (300, 300), "white")
-    ImageDraw.Draw(drawn).ellipse((60, 60, 240, 240), outline=(255, 230, 0), width=6)
+    ImageDraw.Draw(drawn).ellipse((60, 60, 240, 240), outline=(255, 255, 0), width=6)
     drawn.save(yellow)
     huge = folder / "huge.png"
     huge.write_bytes((corpus.root / corpus.good[0]).read_bytes() + b"\0" * (10 * 1024 * 1024))
@@ -302,7 +302,7 @@ def bad_queries(corpus: Corpus, folder: Path) -> dict[str, tuple[Path, str]]:
         missing=(folder / "missing.png", r"cannot be read \(No such file or directory\)"),
         text=(corpus.root / "cat/readme.txt", r"not a recognised image format"),
         blank=(blank, r"the sketch is empty \(no ink found\)"),
-        yellow=(yellow, r"no ink found: its marks are all lighter than grey level 200, too light"),
+        yellow=(yellow, r"too light to tell from paper \(a stroke needs grey level 220 or darker"),
         huge=(huge, r"file is [\d,]+ bytes, over the limit of 10,485,760"),
     )
     return kinds
