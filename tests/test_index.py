@@ -125,7 +125,6 @@ def test_a_photo_query_is_embedded_as_the_gallery_is(engine, small_index, small_
     index = engine.index
     photos = sorted(e.path for e in index.entries.values() if "/photo_" in e.path)[::7][:4]
     assert len(photos) == 4
-    changed = 0
     for path in photos:
         result = engine.query(small_gallery / path, k=3, photo=True)
         assert result.neighbours[0].path == path and result.sketch is None
@@ -133,8 +132,11 @@ def test_a_photo_query_is_embedded_as_the_gallery_is(engine, small_index, small_
         stored = index.probabilities[index.rows[entry.id]]
         np.testing.assert_allclose([result.probabilities[c] for c in engine.classes], stored, atol=1e-4)
         as_sketch = engine.query(small_gallery / path, k=3)
-        changed += not np.allclose([as_sketch.probabilities[c] for c in engine.classes], stored, atol=1e-2)
-    assert changed == len(photos)
+        assert as_sketch.sketch is not None
+        # Another picture, so another embedding (0.13-0.63 here): compared by probabilities, which
+        # agree where the model is sure of both, a photo of four kept them within 0.01 on a Xeon.
+        as_photo = engine.embed(small_gallery / path, sketch=False)[0]
+        assert float(engine.embed(small_gallery / path)[0] @ as_photo) < 0.9, path
     runner = CliRunner()
     query = ["query", str(small_gallery / photos[0]), "--index", str(small_index), "--photo"]
     answer = runner.invoke(app, [*query, "--json", "-k", "1"])
