@@ -9,11 +9,15 @@ The public API, in the order data flows through it::
     neighbours = engine.search(vectors, k=5)               # raw nearest-neighbour search
 
 Names are imported on first use, so ``import sbir_engine`` stays light (no TensorFlow, no FAISS).
+``train`` and ``evaluate`` are the functions (``from sbir_engine import train``); the modules that
+define them are imported by their full names (``from sbir_engine.train import make_augmenter``).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -54,6 +58,27 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
+
+
+# Functions named as the submodule that defines them: Python binds a submodule on its package when
+# it is first imported, which would make `from sbir_engine import train` give the module.
+_SHADOWED = {name for name, module in _EXPORTS.items() if name == module}
+
+
+class _Package(types.ModuleType):
+    """The package, binding the function where the import system binds a same-named submodule."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if (
+            name in _SHADOWED
+            and isinstance(value, types.ModuleType)
+            and value.__name__ == f"{__name__}.{name}"
+        ):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):

@@ -27,26 +27,31 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import IMAGE_EXTENSIONS
-from .embed import Embedder, embed_images
+from .config import IMAGE_EXTENSIONS, EngineConfig
+from .embed import Embedder, check_batch_size, embed_images
 from .index import (
     Entry,
     ForeignIndexError,
     GalleryIndex,
     IndexFormatError,
     VectorStore,
+    check_index_folder,
     index_exists,
     new_meta,
     repeated_contents,
 )
 from .index_factory import (
     TARGET_RECALL,
+    IndexTypeError,
+    check_factory,
     default_memory_budget,
     estimate_memory,
     factory_candidates,
+    faiss_reason,
+    needs_training,
     tune_search,
 )
-from .model import load_model
+from .model import CONFIG_FILE, load_model
 
 try:
     import fcntl
@@ -140,16 +145,34 @@ class BuildReport:
         return "\n".join(lines)
 
 
-def scan_gallery(root: Path) -> list[GalleryFile]:
-    """Image files under ``root``; the label is the first folder under the root, if any.
+NOT_UTF8 = "its name is not valid UTF-8 (rename it: the index stores names as UTF-8)"
+
+
+@dataclass
+class GalleryScan:
+    files: list[GalleryFile]
+    # Folders that could not be listed (relative, "" for the root) and why: what the index holds
+    # under them is kept, not dropped as deleted.
+    unlisted: list[tuple[str, str]] = field(default_factory=list)
+
+
+def walk_gallery(root: Path) -> GalleryScan:
+    """Image files under ``root`` (the label is the first folder under the root, if any), and the
+    folders that could not be listed (no permission, a dropped network mount).
 
     Symlinked folders are not followed, so a link loop cannot hang the scan.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"gallery folder {root} does not exist")
-    found = []
-    for folder, dirs, files in os.walk(root, followlinks=False):
+    scan = GalleryScan([])
+
+    def unlisted(err: OSError) -> None:  # without it os.walk skips the folder: it would look empty
+        folder = Path(err.filename) if err.filename else root
+        relative = folder.relative_to(root).as_posix() if folder.is_relative_to(root) else "."
+        scan.unlisted.append(("" if relative == "." else relative, err.strerror or str(err)))
+
+    for folder, dirs, files in os.walk(root, onerror=unlisted, followlinks=False):
         dirs.sort()
         for name in sorted(files):
             path = Path(folder) / name
@@ -157,8 +180,27 @@ def scan_gallery(root: Path) -> list[GalleryFile]:
                 continue
             relative = path.relative_to(root)
             label = relative.parts[0] if len(relative.parts) > 1 else None
-            found.append(GalleryFile(path, relative.as_posix(), label))
-    return found
+            scan.files.append(GalleryFile(path, relative.as_posix(), label))
+    return scan
+
+
+def scan_gallery(root: Path) -> list[GalleryFile]:
+    """Image files under ``root``: :func:`walk_gallery`'s files."""
+    return walk_gallery(root).files
+
+
+def shown(path: Path | str) -> str:
+    """A path as a report shows it: a name that is not UTF-8 (Python's surrogate escapes) comes
+    out with its bytes escaped (``caf\\xe9.png``), so printing or logging it cannot fail."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a byte name decoded with surrogateescape
+        return False
+    return True
 
 
 def file_sha256(path: Path) -> str:
@@ -201,11 +243,16 @@ class FaissTarget:
 
     @property
     def lock_path(self) -> Path:
-        """Beside the folder, not in it: the folder itself is replaced when a build commits."""
-        return self.index_dir.parent / f".{self.index_dir.name}.lock"
+        """Beside the folder, not in it: the folder itself is replaced when a build commits.
+        Named after the folder itself, so a writer through a symlink to it takes the same lock."""
+        folder = self.index_dir.resolve()
+        return folder.parent / f".{folder.name}.lock"
 
     def open(self) -> GalleryIndex | None:
-        return GalleryIndex.load(self.index_dir) if index_exists(self.index_dir) else None
+        if index_exists(self.index_dir):
+            return GalleryIndex.load(self.index_dir)
+        check_index_folder(self.index_dir)  # before any image is embedded
+        return None
 
     def open_existing(self) -> GalleryIndex:
         return GalleryIndex.load(self.index_dir)  # says how to build one when there is none
@@ -224,21 +271,22 @@ class FaissTarget:
         budget = self.max_memory or (meta.get("memory_budget") if self.keep_type else None)
         budget = budget or default_memory_budget()
         rejected = dict(meta.get("rejected_factories") or {})
-        if self.index_type:
-            candidates, source = [self.index_type], "user"
-        elif self.keep_type and meta.get("factory_source") == "user":
-            candidates, source = [store.factory], "user"
+        requested = self.index_type
+        if not requested and self.keep_type and meta.get("factory_source") == "user":
+            requested = meta.get("requested_factory") or store.factory
+        if requested:
+            candidates, source = [requested], "user"
+            meta["requested_factory"] = requested  # kept while the index is empty (and Flat)
         else:
             candidates = factory_candidates(n, store.dim, budget, n_classes, rejected)
             source = "size"
+            meta.pop("requested_factory", None)
+        if n == 0 and needs_training(candidates[0], store.dim):
+            # Nothing to train an IVF, PQ or SQ index on: an empty index is exact until images come.
+            report.notes.append(f"no images: the index is Flat until some are added ({candidates[0]} then)")
+            candidates = ["Flat"]
         for attempt, factory in enumerate(candidates):
-            # An IVF quantizer trained on a gallery less than half today's size is trained again.
-            retrain = factory.startswith("IVF") and n > 2 * int(meta.get("trained_count") or n)
-            how = store.refresh(factory, retrain)
-            name, value, recall = tune_search(store.index, store.vectors, factory)
-            if recall < TARGET_RECALL and how == "updated in place" and factory != "Flat":
-                how = store.refresh(factory, retrain=True)  # in-place additions may have cost recall
-                name, value, recall = tune_search(store.index, store.vectors, factory)
+            how, (name, value, recall) = self._build(store, factory, n)
             if recall >= TARGET_RECALL or attempt == len(candidates) - 1:
                 break
             rejected[factory] = round(recall, 4)
@@ -268,6 +316,23 @@ class FaissTarget:
         report.seconds = time.perf_counter() - report.started
         store.save(self.index_dir, report.summary().splitlines())
 
+    def _build(self, store: GalleryIndex, factory: str, n: int) -> tuple[str, tuple]:
+        """Bring the FAISS index to ``factory`` and tune it; a FAISS error is one line naming the type."""
+        # An IVF quantizer trained on a gallery less than half today's size is trained again.
+        retrain = factory.startswith("IVF") and n > 2 * int(store.meta.get("trained_count") or n)
+        try:
+            how = store.refresh(factory, retrain)
+            tuned = tune_search(store.index, store.vectors, factory)
+            if tuned[2] < TARGET_RECALL and how == "updated in place" and factory != "Flat":
+                how = store.refresh(factory, retrain=True)  # in-place additions may have cost recall
+                tuned = tune_search(store.index, store.vectors, factory)
+        except RuntimeError as err:  # FAISS's own, with its C++ source line: not a traceback
+            raise IndexTypeError(
+                f"index type {factory} cannot be built on {n} images ({faiss_reason(err)}); "
+                "choose another with `build-index --index-type`"
+            ) from err
+        return how, tuned
+
 
 def build_index(
     model_dir: Path,
@@ -285,12 +350,13 @@ def build_index(
     ``target`` is where the index lives: a :class:`FaissTarget` over ``index_dir`` by default,
     or a ``sbir_engine.milvus.MilvusTarget``.
     """
+    check_batch_size(batch_size)
     target = target or FaissTarget(index_dir, index_type, max_memory)
     with writer_lock(target):
         report = BuildReport(target.location)
-        embedder = embedder or Embedder(load_model(model_dir))
+        _check_index_type(target, model_dir, embedder)
         store, fresh = None, False
-        try:
+        try:  # before the model loads: a refusal here is said at once
             store = target.open()
         except ForeignIndexError as err:
             if not full:  # replacing it would delete what another program or version wrote
@@ -298,6 +364,7 @@ def build_index(
             report.full_rebuild_reason = f"asked for (--full): replacing an index it cannot read ({err})"
         except IndexFormatError as err:  # ours but damaged: the gallery rebuilds it
             report.full_rebuild_reason = f"the previous index cannot be used ({err})"
+        embedder = embedder or Embedder(load_model(model_dir))
         if store is not None and store.meta["model"]["fingerprint"] != embedder.model.fingerprint():
             report.full_rebuild_reason = (
                 "the model differs from the one that built the previous index: every image is embedded again"
@@ -311,10 +378,55 @@ def build_index(
                 f"the gallery moved from {store.meta['gallery_root']} to {Path(gallery).resolve()}: "
                 "entries are matched by relative path and content hash, so nothing unchanged is embedded"
             )
-        files = scan_gallery(gallery)
+        files, keep = _scan(gallery, report)
+        if isinstance(target, FaissTarget) and target.index_type:  # enough images to train it on?
+            check_factory(target.index_type, embedder.config.embedding_dim, len(files))
         return _update(
-            target, store, files, report, embedder, model_dir, gallery, batch_size, True, fresh=fresh
+            target,
+            store,
+            files,
+            report,
+            embedder,
+            model_dir,
+            gallery,
+            batch_size,
+            True,
+            keep=keep,
+            fresh=fresh,
         )
+
+
+def _scan(gallery: Path, report: BuildReport) -> tuple[list[GalleryFile], list[str]]:
+    """The gallery files a build indexes, and the folders it could not list (their entries stay).
+
+    A file whose name is not UTF-8 cannot be written to the manifest; it and an unlisted folder
+    are reported as failures, the rest is built.
+    """
+    scan = walk_gallery(gallery)
+    for folder, reason in scan.unlisted:
+        where = shown(folder or gallery)
+        report.failed.append((where, f"folder cannot be listed ({reason}): its indexed images are kept"))
+    files = []
+    for item in scan.files:
+        if is_utf8(item.relative):
+            files.append(item)
+        else:
+            report.failed.append((shown(item.relative), NOT_UTF8))
+    return files, [folder for folder, _ in scan.unlisted]
+
+
+def _check_index_type(target, model_dir: Path | None, embedder: Embedder | None) -> None:
+    """A FAISS --index-type that cannot work is refused before the model loads (its dimension
+    comes from the run's config), not after the whole gallery was embedded."""
+    if not (isinstance(target, FaissTarget) and target.index_type):
+        return
+    if embedder is not None:
+        dim = embedder.config.embedding_dim
+    elif model_dir is not None and (Path(model_dir) / CONFIG_FILE).is_file():
+        dim = EngineConfig.load(Path(model_dir) / CONFIG_FILE).embedding_dim
+    else:
+        return  # no run there: load_model says so
+    check_factory(target.index_type, dim)
 
 
 def add_files(
@@ -332,6 +444,7 @@ def add_files(
     files from elsewhere are copied into ``<gallery>/<label>/`` first (see the module doc).
     A model other than the index's means a full rebuild, which the report says.
     """
+    check_batch_size(batch_size)
     target = target or FaissTarget(index_dir, keep_type=True)
     with writer_lock(target):
         report = BuildReport(target.location)
@@ -345,13 +458,24 @@ def add_files(
                 model_dir, gallery, None, batch_size=batch_size, embedder=embedder, target=target
             )
             rebuilt.failed[:0] = report.failed
-            return rebuilt
+            return _drop_failed_copies(rebuilt, copied)
         report = _update(target, store, files, report, embedder, model_dir, gallery, batch_size, False)
-        failed = {path for path, _ in report.failed}
-        for relative, destination in copied.items():
-            if relative in failed:  # a copy that could not be indexed does not stay in the gallery
-                destination.unlink(missing_ok=True)
-        return report
+        return _drop_failed_copies(report, copied)
+
+
+def _drop_failed_copies(report: BuildReport, copied: dict[str, Path]) -> BuildReport:
+    """A file copied in from outside that could not be indexed does not stay in the gallery."""
+    failed = {path for path, _ in report.failed}
+    for relative, destination in copied.items():
+        if relative in failed:
+            destination.unlink(missing_ok=True)
+    return report
+
+
+GALLERY_ROOT = (
+    "is the gallery root: the whole gallery is not removed this way (name its folders or files; "
+    "to start over, delete the index folder and run `build-index`)"
+)
 
 
 def remove_files(
@@ -371,25 +495,39 @@ def remove_files(
         drop: dict[int, str] = {}
         for given in paths:
             relative = _gallery_relative(Path(given), gallery)
-            if not relative:
-                report.failed.append((str(given), f"not a file or folder inside the gallery {gallery}"))
+            if relative == "":  # with --delete-files it would empty the gallery: refused, not guessed at
+                report.failed.append((shown(given), GALLERY_ROOT))
+                continue
+            if relative is None:
+                report.failed.append(
+                    (shown(given), f"not a file or folder inside the gallery {shown(gallery)}")
+                )
                 continue
             matched = (
                 [relative] if relative in by_path else [p for p in by_path if p.startswith(relative + "/")]
             )
             if not matched:
-                report.failed.append((str(given), "not in the index"))
+                report.failed.append((shown(given), "not in the index"))
             drop.update((by_path[path], path) for path in matched)
-        still_there = [gallery / path for path in drop.values() if (gallery / path).exists()]
-        if delete_files:
-            for path in still_there:
-                path.unlink()
-        elif still_there:
+        # lexists: a symlink whose target is gone is still a file in the gallery
+        still_there = [gallery / path for path in drop.values() if os.path.lexists(gallery / path)]
+        if still_there and not delete_files:
             report.notes.append(
                 f"{len(still_there)} removed file(s) are still in the gallery folder: a later `build-index` "
                 "indexes them again (delete them, or use --delete-files)"
             )
-        return _update(target, store, [], report, None, None, gallery, 32, False, set(drop))
+        report = _update(target, store, [], report, None, None, gallery, 32, False, set(drop))
+        if delete_files:  # only once the index no longer holds them: a failed commit deletes nothing
+            _delete(still_there, report)
+        return report
+
+
+def _delete(paths: list[Path], report: BuildReport) -> None:
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as err:
+            report.failed.append((shown(path), f"removed from the index, not deleted ({err.strerror})"))
 
 
 def _update(
@@ -404,11 +542,13 @@ def _update(
     drop_missing: bool,
     drop: set[int] = frozenset(),
     fresh: bool = False,
+    keep: Iterable[str] = (),
 ) -> BuildReport:
     """The one update path: compare ``files`` with the manifest, embed what is new or changed,
     remove ``drop`` (and, for a rescan, entries whose file is gone), add, commit.
 
     ``fresh``: embed every file into a new, empty store (another model), keeping ids by path.
+    ``keep``: folders a rescan could not list ("" the root): their entries are not taken for gone.
     """
     old_by_path = {e.path: e for e in store.entries.values()} if store is not None else {}
     next_id = int(store.meta.get("next_id", 0)) if store is not None else 0
@@ -440,7 +580,7 @@ def _update(
         to_embed.append((item, digest, size, entry_id))
     drop = set(drop)
     if drop_missing:
-        drop |= {entry.id for path, entry in old_by_path.items() if path not in seen}
+        drop |= {e.id for path, e in old_by_path.items() if path not in seen and not _under(path, keep)}
         copies = repeated_contents(contents)
         if copies:  # indexed all the same: each is a path someone may look for
             report.notes.append(
@@ -498,20 +638,30 @@ def _update(
     return report
 
 
+def _under(path: str, folders: Iterable[str]) -> bool:
+    """Whether a manifest path lies in one of ``folders`` (relative; "" is the gallery root)."""
+    return any(not folder or path.startswith(folder + "/") for folder in folders)
+
+
 def _gallery_relative(path: Path, gallery: Path) -> str | None:
     """``path`` as a manifest key ("" for the gallery root itself; None if outside the gallery).
 
     A path on disk (or an absolute one) is taken relative to the gallery root; anything else is
-    taken to be a manifest key already, as ``query`` prints them.
+    taken to be a manifest key already, as ``query`` prints them. The file itself comes first,
+    its folders resolved: a symlink in the gallery is that entry (as a rescan finds it), not the
+    file it points to. Only a path that is not in the gallery so is resolved to its target.
     """
-    bases = {gallery.resolve(), Path(os.path.abspath(gallery))}
-    candidates = {Path(os.path.abspath(path))} | ({path.resolve()} if path.exists() else set())
-    for base in bases:
-        for candidate in candidates:
+    bases = [gallery.resolve(), Path(os.path.abspath(gallery))]
+    absolute = Path(os.path.abspath(path))
+    candidates = [absolute.parent.resolve() / absolute.name]
+    if os.path.lexists(path):
+        candidates.append(absolute.resolve())
+    for candidate in candidates:
+        for base in bases:
             if candidate.is_relative_to(base):
                 relative = candidate.relative_to(base).as_posix()
                 return "" if relative == "." else relative
-    if path.is_absolute() or path.exists():
+    if path.is_absolute() or os.path.lexists(path):
         return None
     return path.as_posix().strip("/")
 
@@ -521,24 +671,33 @@ def _stage(
 ) -> tuple[list[GalleryFile], dict[str, Path]]:
     """The gallery files that ``add_files`` indexes, copying outside files in; failures go to the report."""
     gallery = Path(gallery)
-    if label is not None and (not label or "/" in label or label in (".", "..")):
-        raise ValueError(f"--label {label!r} is not a folder name")
+    if label is not None and (not label or "/" in label or label in (".", "..") or not is_utf8(label)):
+        raise ValueError(f"--label {shown(label)!r} is not a folder name (in UTF-8)")
     staged: dict[str, GalleryFile] = {}
     copied: dict[str, Path] = {}
     for given in paths:
         given = Path(given)
         if not given.exists():
-            report.failed.append((str(given), "no such file or folder"))
+            report.failed.append((shown(given), "no such file or folder"))
             continue
-        inside = _gallery_relative(given.resolve(), gallery)
+        # A linked file in the gallery is indexed as itself; a folder is taken where it really is
+        # (a rescan does not follow linked folders: it would drop what was indexed under the link).
+        inside = _gallery_relative(given.resolve() if given.is_dir() else given, gallery)
         if given.is_dir():
-            sources = [(f.path, Path(f.relative)) for f in scan_gallery(given)]
+            scan = walk_gallery(given)
+            report.failed.extend(
+                (shown(given / folder), f"cannot be listed ({why})") for folder, why in scan.unlisted
+            )
+            sources = [(f.path, Path(f.relative)) for f in scan.files]
         elif given.suffix.lower() in IMAGE_EXTENSIONS:
             sources = [(given, Path(given.name))]
         else:
-            report.failed.append((str(given), f"not an image file ({', '.join(IMAGE_EXTENSIONS)})"))
+            report.failed.append((shown(given), f"not an image file ({', '.join(IMAGE_EXTENSIONS)})"))
             continue
         for source, relative in sources:
+            if not is_utf8(relative.as_posix()) or inside is not None and not is_utf8(inside):
+                report.failed.append((shown(source), NOT_UTF8))
+                continue
             if inside is not None:  # indexed in place; its folder is its label
                 key = Path(inside, relative).as_posix() if given.is_dir() else inside
                 file_label = key.split("/")[0] if "/" in key else None
@@ -553,7 +712,9 @@ def _stage(
             destination = gallery / key
             if destination.exists():
                 if file_sha256(destination) != file_sha256(source):
-                    report.failed.append((str(source), f"{destination} exists and is a different file"))
+                    report.failed.append(
+                        (shown(source), f"{shown(destination)} exists and is a different file")
+                    )
                     continue
             else:
                 destination.parent.mkdir(parents=True, exist_ok=True)

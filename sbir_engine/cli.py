@@ -75,7 +75,7 @@ def build_index_command(
     max_memory: Annotated[
         float, typer.Option(help="Memory budget for the index in GiB (default: 1/4 of RAM).")
     ] = 0,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     full: Annotated[bool, typer.Option("--full", help="Re-embed everything.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero if any file failed.")] = False,
     backend: Backend = "faiss",
@@ -115,7 +115,7 @@ def query(
         typer.Argument(help="Sketch image file(s) or folders of them; several share one loaded model."),
     ],
     index: IndexDir = DEFAULTS.index_dir,
-    k: Annotated[int, typer.Option("-k", help="Number of neighbours.")] = 10,
+    k: Annotated[int, typer.Option("-k", min=1, help="Number of neighbours.")] = 10,
     same_class: Annotated[bool, typer.Option(help="Only images of the predicted class.")] = False,
     label: Annotated[list[str], typer.Option(help="Only images with this label (repeatable).")] = None,
     as_json: Annotated[
@@ -177,6 +177,8 @@ def query(
             continue
         except _index_errors() as err:
             fail(str(err))
+        if result.note:  # e.g. --same-class on a gallery whose labels are not the model's classes
+            typer.echo(f"note: {f'{sketch}: ' if several else ''}{result.note}", err=True)
         if save_input is not None:
             try:
                 result.sketch.save(save_input, "PNG")
@@ -555,7 +557,7 @@ def index_add(
     model: Annotated[
         Path, typer.Option(help="Model run folder (default: the one that built the index).")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 3 if any file failed.")] = False,
     backend: Backend = "faiss",
     uri: MilvusUri = "",

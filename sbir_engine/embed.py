@@ -30,6 +30,12 @@ from .model import SketchModel, l2_normalize
 Loader = Callable[[Path], np.ndarray]
 
 
+def check_batch_size(batch_size: int) -> None:
+    """Refuse a batch size under 1: no batch would ever fill, and every image would be dropped."""
+    if batch_size < 1:
+        raise ValueError(f"the batch size must be at least 1, not {batch_size}")
+
+
 @dataclass
 class Batch:
     arrays: np.ndarray
@@ -44,6 +50,7 @@ def read_batches(
 
     Yields batches of good images; each batch also carries the failures met since the last one.
     """
+    check_batch_size(batch_size)
 
     def safe_load(path: Path) -> tuple[Path, np.ndarray | None, str | None]:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -44,6 +45,8 @@ class QueryResult:
     timings_ms: dict[str, float] = field(default_factory=dict, compare=False)
     # The query after the sketch normaliser (the raster before resizing): what the network was given.
     sketch: Image.Image | None = field(default=None, compare=False, repr=False)
+    # Why the answer is empty when that is not the query's fault (the CLI and the page show it).
+    note: str | None = None
 
     def top_classes(self, n: int = 5) -> list[tuple[str, float]]:
         """The n most probable classes with their probabilities, most probable first (ties in class order)."""
@@ -78,7 +81,6 @@ class SketchEngine:
         self._version = getattr(index, "version", None) if self.index_dir is not None else None
         self.embedder = embedder
         self.config = embedder.config
-        self.gallery_root = Path(index.meta["gallery_root"])
 
     @classmethod
     def load(cls, index_dir: Path, model_dir: Path | None = None) -> SketchEngine:
@@ -104,6 +106,11 @@ class SketchEngine:
     def classes(self) -> tuple[str, ...]:
         return self.config.classes
 
+    @property
+    def gallery_root(self) -> Path:
+        """The gallery folder of the loaded index version: a rebuild from a moved gallery moves it."""
+        return Path(self._index.meta["gallery_root"])
+
     def reload(self) -> bool:
         """Pick up a newer index version written by a build; True if it changed."""
         if self.index_dir is None:
@@ -118,10 +125,15 @@ class SketchEngine:
         self._index, self._version = index, index.version
         return True
 
-    def embed(self, images: list[ImageSource] | ImageSource, sketch: bool = True) -> np.ndarray:
-        """L2-normalised embeddings, one row per image (sketches are normalised first)."""
-        if not isinstance(images, list):
-            images = [images]
+    def embed(self, images: Iterable[ImageSource] | ImageSource, sketch: bool = True) -> np.ndarray:
+        """L2-normalised embeddings, one row per image (sketches are normalised first).
+
+        ``images`` is one image (path, bytes, array or PIL image) or any sequence of them; an empty
+        one gives an empty (0, embedding_dim) array.
+        """
+        images = _image_list(images)
+        if not images:
+            return np.zeros((0, self.config.embedding_dim), np.float32)
         load = self.embedder.load_sketch if sketch else self.embedder.load_image
         return self.embedder(np.stack([load(image) for image in images]))[0]
 
@@ -129,6 +141,7 @@ class SketchEngine:
         self, vectors: np.ndarray, k: int = 10, labels: list[str] | None = None
     ) -> list[list[Neighbour]]:
         """Raw nearest-neighbour search: for each vector, the k nearest gallery entries by cosine."""
+        check_k(k)
         index = self._index
         scores, ids = index.search(vectors, k, labels)
         return [self._neighbours(index, s, i) for s, i in zip(scores, ids, strict=True)]
@@ -146,6 +159,7 @@ class SketchEngine:
         With ``photo`` the query is a picture to be taken as it is (a photo: "more like this"),
         embedded as the gallery's images are, without the sketch normaliser.
         """
+        check_k(k)
         t0 = time.perf_counter()
         if photo:
             normalised, image = None, self.embedder.load_image(sketch)
@@ -163,7 +177,10 @@ class SketchEngine:
         t3 = time.perf_counter()
         timings = {"decode": (t1 - t0) * 1e3, "network": (t2 - t1) * 1e3, "search": (t3 - t2) * 1e3}
         timings["total"] = (t3 - t0) * 1e3
-        return QueryResult(label, probs, neighbours, timings, normalised)
+        # A filtered search finds every match (see GalleryIndex.search), so nothing found means the
+        # predicted class names no image: a flat gallery, or folders named otherwise than the classes.
+        note = no_class_note(label) if same_class and not neighbours else None
+        return QueryResult(label, probs, neighbours, timings, normalised, note)
 
     def _ranked(
         self,
@@ -208,6 +225,34 @@ class SketchEngine:
             entry = index.entries[int(entry_id)]
             out.append(Neighbour(int(entry_id), entry.path, entry.label, float(score)))
         return out
+
+
+def check_k(k: int) -> None:
+    """k below 1 would mean everything (k = -1 in FAISS terms) or one result: neither was asked for."""
+    if k < 1:
+        raise ValueError(f"k (the number of results) must be at least 1, got {k}")
+
+
+def no_class_note(label: str) -> str:
+    """Why a same-class query found nothing: no image carries the predicted class as its label."""
+    return (
+        f"no image in the index has the label {label!r}, the predicted class, so only the predicted "
+        f"class (--same-class) finds nothing: labels are the gallery's <label>/<image> folder names "
+        f"(a flat gallery has none; `sbir-engine index info` lists them)"
+    )
+
+
+def _image_list(images: Iterable[ImageSource] | ImageSource) -> list[ImageSource]:
+    """One image as a list of one, a sequence of them as a list (bytes and arrays are one image)."""
+    if isinstance(images, (str, os.PathLike, bytes, bytearray, np.ndarray, Image.Image)):
+        return [images]
+    try:
+        return list(images)
+    except TypeError:
+        raise TypeError(
+            f"embed takes an image (a path, bytes, a numpy array or a PIL image) or a sequence of "
+            f"them, not {type(images).__name__}"
+        ) from None
 
 
 def collapse_duplicates(index: GalleryIndex, scores: np.ndarray, ids: np.ndarray, k: int) -> list[Neighbour]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -37,12 +38,20 @@ from .index_factory import (
 
 FORMAT_VERSION = 1
 CURRENT = "CURRENT"
+# What a build writes in an index folder, and all that its cleanup may ever delete: versions,
+# their staging folders and the pointer's temporary file (a killed build's leftovers included).
+VERSION_NAME = re.compile(r"v\d{6,}")
+LEFTOVER_NAME = re.compile(rf"\.tmp-v\d{{6,}}-\d+|\.{CURRENT}\.tmp-\d+")
 # Crash-safety tests name a point of a build here to stop it there and kill it (see pause_point).
 PAUSE_ENV = "SBIR_ENGINE_TEST_PAUSE_AT"
 
 
 class IndexFormatError(RuntimeError):
     """An index folder that cannot be used, with the reason."""
+
+
+class NotAnIndexFolderError(ValueError):
+    """A folder that holds other things than an index: a build does not write its index there."""
 
 
 class ForeignIndexError(IndexFormatError):
@@ -192,13 +201,37 @@ class GalleryIndex:
         depth = min(k * refine, max(len(self), 1)) if refine else k
         params = None
         if labels is not None:
-            allowed = np.concatenate(
-                [self._ids_with_label(label) for label in labels] or [np.zeros(0, np.int64)]
+            allowed = np.concatenate(  # each label once: ids of distinct labels are distinct
+                [self._ids_with_label(label) for label in dict.fromkeys(labels)] or [np.zeros(0, np.int64)]
             )
             params = self._search_parameters(faiss.IDSelectorBatch(allowed))
         scores, ids = _search_threads(self.index, queries, depth, params)
         if refine:
             scores, ids = refine_exact(queries, scores, ids, self.vectors, self._rows_of, k)
+        if labels is not None:
+            # HNSW walks its graph and IVF probes its nprobe lists as if unfiltered and only then
+            # drops what the filter refuses: a label away from the query can come back with few
+            # results or none though it has many entries. Such rows are answered exactly instead.
+            short = (ids >= 0).sum(axis=1) < min(k, len(allowed))
+            if short.any():
+                scores[short], ids[short] = self._exact_among(queries[short], allowed, k)
+        return scores, ids
+
+    def _exact_among(
+        self, queries: np.ndarray, allowed: np.ndarray, k: int, block: int = 65_536
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The exact top k among the ``allowed`` ids, read from vectors.npy a block at a time."""
+        rows = np.sort(self._rows_of(allowed))  # in file order: the memory map is read forwards
+        scores = np.full((len(queries), k), -np.finfo(np.float32).max, np.float32)
+        ids = np.full((len(queries), k), -1, np.int64)
+        for start in range(0, len(rows), block):
+            part = rows[start : start + block]
+            vectors = np.ascontiguousarray(self.vectors[part], dtype=np.float32)
+            found, at = faiss.knn(queries, vectors, min(k, len(part)), metric=faiss.METRIC_INNER_PRODUCT)
+            scores = np.concatenate([scores, found], axis=1)
+            ids = np.concatenate([ids, self.ids[part][at]], axis=1)
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
         return scores, ids
 
     def _search_parameters(self, selector) -> faiss.SearchParameters:
@@ -359,7 +392,8 @@ class GalleryIndex:
                 out.write(json.dumps(asdict(entry), ensure_ascii=False) + "\n")
         (staging / "index.json").write_text(json.dumps(self.meta, indent=2) + "\n", encoding="utf-8")
         log = "\n".join(log_lines) + ("\n" if log_lines else "")
-        (staging / "build.log").write_text(log, encoding="utf-8")
+        # The log names failed files as given; a name that is not UTF-8 is escaped, not fatal.
+        (staging / "build.log").write_text(log, encoding="utf-8", errors="backslashreplace")
         _fsync_tree(staging)
         final = index_dir / name
         shutil.rmtree(final, ignore_errors=True)
@@ -372,13 +406,22 @@ class GalleryIndex:
         _fsync_file(index_dir)
         pause_point("cleanup")
         for old in index_dir.iterdir():
-            if old.name.startswith(f".{CURRENT}.tmp-"):  # left by a build killed before its commit
-                old.unlink(missing_ok=True)
-            elif old.name != name and (
-                old.name.startswith("v") and old.is_dir() or old.name.startswith(".tmp-")
-            ):
-                shutil.rmtree(old, ignore_errors=True)
+            if old.name != name and _written_by_a_build(old):
+                if old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:  # the pointer's temporary file, left by a build killed before its commit
+                    old.unlink(missing_ok=True)
         return final
+
+
+def _written_by_a_build(path: Path) -> bool:
+    """A version, a staging folder or a pointer file: all that a cleanup may delete. Nothing else
+    is touched, whatever its name (``--out`` may hold a ``venv/``, a gallery a ``vase/`` class)."""
+    if path.is_symlink():
+        return False
+    if VERSION_NAME.fullmatch(path.name):
+        return path.is_dir()
+    return bool(LEFTOVER_NAME.fullmatch(path.name))
 
 
 def pause_point(name: str) -> None:
@@ -412,6 +455,30 @@ def current_version(index_dir: Path) -> Path:
 
 def index_exists(index_dir: Path) -> bool:
     return _read_pointer(Path(index_dir)) is not None
+
+
+def check_index_folder(index_dir: Path) -> None:
+    """Refuse to make an index of a folder that holds other things (``--out .``, ``--out <gallery>``).
+
+    New, empty and index folders are fine, and so is one holding only what a killed first build
+    left; hidden files (``.DS_Store``, ``.gitkeep``) do not count: a build never deletes them.
+    """
+    index_dir = Path(index_dir)
+    if index_exists(index_dir) or not os.path.lexists(index_dir):
+        return
+    if not index_dir.is_dir():
+        raise NotAnIndexFolderError(f"{index_dir} is a file, not an index folder: choose another --out")
+    others = sorted(
+        path.name
+        for path in index_dir.iterdir()
+        if not (path.name.startswith(".") or VERSION_NAME.fullmatch(path.name))
+    )
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise NotAnIndexFolderError(
+            f"{index_dir} is not an sbir-engine index (no {CURRENT} file) and holds other files ({shown}): "
+            "an index is written into a new or empty folder; choose another --out"
+        )
 
 
 def _fsync_file(path: Path) -> None:

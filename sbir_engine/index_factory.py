@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable
 
 import faiss
@@ -38,39 +39,89 @@ def ivf_lists(n: int) -> int:
     return max(1, 1 << int(round(math.log2(max(4 * math.sqrt(max(n, 1)), 1)))))
 
 
-def estimate_memory(factory: str, n: int, dim: int, n_classes: int = 16) -> int:
+class IndexTypeError(ValueError):
+    """A FAISS index type (``--index-type``) that cannot be used here, with the reason."""
+
+
+# The types estimate_memory models: what factory_candidates chooses from (HNSW's M, IVF's lists,
+# 8-bit codes). Others chosen with --index-type get no estimate rather than a wrong one.
+_HNSW = re.compile(r"HNSW(\d*)(?:,Flat)?")
+_IVF = re.compile(r"IVF(\d+)(?:,(Flat|SQ8|PQ(\d+)(?:x8)?))?")
+
+
+def estimate_memory(factory: str, n: int, dim: int, n_classes: int = 16) -> int | None:
     """Resident bytes of a loaded index: the FAISS structure, class probabilities and manifest.
 
     ``vectors.npy`` is memory-mapped and not counted: a query never touches it except to re-score
-    the few candidates of a compressed index (REFINE_FACTOR · k rows).
+    the few candidates of a compressed index (REFINE_FACTOR · k rows). None for a type it does
+    not model (one chosen with ``--index-type``).
     """
     per_entry = ENTRY_OVERHEAD + 4 * n_classes
     fixed = 0
-    kind = factory.split(",")
+    hnsw, ivf = _HNSW.fullmatch(factory), _IVF.fullmatch(factory)
     if factory == "Flat":
         codes = 4 * dim
-    elif kind[0].startswith("HNSW"):
-        m = int(kind[0][4:] or HNSW_M)
+    elif hnsw:
+        m = int(hnsw.group(1) or HNSW_M)
+        if m < 2:
+            return None
         # Level 0 holds 2M links, higher levels M links for 1/M of the nodes; levels + offsets.
         codes = 4 * dim + 4 * 2 * m + 4 * m / (m - 1) + 12
-    elif kind[0].startswith("IVF"):
-        nlist = int(kind[0][3:])
-        fixed = 4 * dim * nlist  # the coarse quantizer's centroids
-        code = kind[1] if len(kind) > 1 else "Flat"
+    elif ivf:
+        fixed = 4 * dim * int(ivf.group(1))  # the coarse quantizer's centroids
+        code = ivf.group(2) or "Flat"
         if code == "Flat":
             codes = 4 * dim
         elif code == "SQ8":
             codes = dim
-        elif code.startswith("PQ"):
-            m = int(code[2:].split("x")[0])
-            codes = m
-            fixed += 4 * dim * 256  # PQ codebooks
         else:
-            raise ValueError(f"no memory model for IVF codes {code!r}")
+            codes = int(ivf.group(3))
+            fixed += 4 * dim * 256  # PQ codebooks
         codes += 8  # the id stored beside each code in its inverted list
     else:
-        raise ValueError(f"no memory model for FAISS factory {factory!r}")
+        return None
     return int(n * (codes + per_entry) + fixed)
+
+
+def check_factory(factory: str, dim: int, n: int = 0) -> None:
+    """Refuse an index type FAISS cannot make, or cannot train on ``n`` (> 0) vectors, before any
+    image is embedded: said after embedding a gallery, the error would cost all that time."""
+    try:
+        index = faiss.downcast_index(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT))
+    except RuntimeError as err:
+        raise IndexTypeError(
+            f"--index-type {factory!r} is not a FAISS index type for {dim}-d inner-product vectors "
+            f"({faiss_reason(err)})"
+        ) from None
+    if isinstance(index, faiss.IndexIDMap):  # ids are sbir-engine's own (IndexIDMap2 around the index)
+        raise IndexTypeError(f"--index-type {factory!r}: leave out IDMap, sbir-engine maps ids itself")
+    needed = _training_points(index)
+    if 0 < n < needed:
+        raise IndexTypeError(
+            f"--index-type {factory!r} needs at least {needed} images to train on, the gallery has {n}: "
+            "choose another (fewer IVF lists, no PQ) or leave --index-type out"
+        )
+
+
+def needs_training(factory: str, dim: int) -> bool:
+    """Whether a ``factory`` index must be trained (IVF, PQ, SQ): an empty one cannot be built."""
+    return not faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT).is_trained
+
+
+def _training_points(index: faiss.Index) -> int:
+    """The fewest vectors k-means can train ``index`` on: one per IVF list, 256 for 8-bit PQ."""
+    if isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    needed = getattr(index, "nlist", 0)
+    pq = getattr(index, "pq", None)
+    return max(needed, pq.ksub if pq is not None else 0)
+
+
+def faiss_reason(err: Exception) -> str:
+    """The reason in a FAISS error, on one line, without its C++ function and source line."""
+    text = " ".join(str(err).split())
+    text = re.sub(r"^Error in .*? at \S+:\d+: (?:Error: )?", "", text)
+    return text.split(" failed: ", 1)[-1]
 
 
 def choose_factory(n: int, dim: int, max_memory: int | None = None, n_classes: int = 16) -> str:

@@ -190,3 +190,23 @@ def test_the_writer_lock_excludes_other_threads_and_lets_its_own_thread_back_in(
         thread.join()
     other_thread()  # free again once the holder is done
     assert outcomes == ["same thread re-entered", "other thread refused", "other thread wrote"]
+
+
+def test_the_writer_lock_holds_through_a_symlink_to_the_index(tmp_path):
+    """The lock is named after the folder itself: a second writer through a link to it is refused."""
+    (tmp_path / "index").mkdir()
+    (tmp_path / "link").symlink_to("index", target_is_directory=True)
+    outcomes = []
+
+    def writer_through_the_link():
+        try:
+            with writer_lock(FaissTarget(tmp_path / "link")):
+                outcomes.append("wrote")
+        except IndexBusyError:
+            outcomes.append("refused")
+
+    with writer_lock(FaissTarget(tmp_path / "index")):
+        thread = threading.Thread(target=writer_through_the_link)
+        thread.start()
+        thread.join()
+    assert outcomes == ["refused"]

@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from sbir_engine.build import build_index
 from sbir_engine.index import GalleryIndex
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,6 +208,49 @@ def test_more_like_this_queries_with_a_result_and_back_returns(monkeypatch, smal
     at = upload(at, "cat.png", sketch_bytes(small_dataset, "cat"))
     assert not any(c.value.startswith("More like the gallery image") for c in at.caption)
     assert view_captions(at) == [VIEW_CAPTION]
+
+
+def test_a_rebuild_with_another_model_is_served_with_that_model(
+    monkeypatch, tmp_path, small_index, small_gallery, small_dataset, other_run
+):
+    """`build-index` with another model rewrites the index the page has loaded: the page loads the
+    new model with it. Before, the cached engine refused every new version until a restart."""
+    index = tmp_path / "index"
+    shutil.copytree(small_index, index)
+    at = upload(page(monkeypatch, index_dir=index), "cat.png", sketch_bytes(small_dataset))
+    assert not at.error and len(result_captions(at)) == 10
+    two = tmp_path / "two classes"
+    for label in ("cat", "fish"):
+        shutil.copytree(small_gallery / label, two / label)
+    build_index(other_run, two, index)
+    at = at.run()
+    assert not at.exception and not at.error, [error.value for error in at.error]
+    count = sum(1 for path in two.rglob("*") if path.is_file())
+    assert any(f"· {count} images ·" in caption.value for caption in at.sidebar.caption)
+    captions = result_captions(at)
+    assert len(captions) == min(10, count)
+    assert {CAPTION.match(caption).group("label") for caption in captions} <= {"cat", "fish"}
+    assert not at.run().error  # and stays served
+
+
+def test_only_the_predicted_class_on_an_unlabelled_gallery_says_why(
+    monkeypatch, tmp_path, small_run, small_gallery, small_dataset
+):
+    """A flat gallery has no labels: "Only the predicted class" finds nothing, and says why."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for label in ("cat", "fish"):
+        for path in sorted((small_gallery / label).iterdir())[:3]:
+            shutil.copyfile(path, flat / f"{label}-{path.name}")
+    build_index(small_run, flat, tmp_path / "index")
+    at = upload(page(monkeypatch, index_dir=tmp_path / "index"), "cat.png", sketch_bytes(small_dataset))
+    assert len(result_captions(at)) == 6 and not at.warning
+    at.toggle(key="same_class").set_value(True)
+    at.run()
+    assert not at.exception and not at.error
+    label = predicted_label(at)
+    assert result_captions(at) == []
+    assert len(at.warning) == 1 and f"no image in the index has the label '{label}'" in at.warning[0].value
 
 
 def test_unreadable_upload_shows_one_line_error(monkeypatch, small_index):

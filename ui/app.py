@@ -87,9 +87,7 @@ def load_engine(index_dir: str) -> SketchEngine:
 def get_engine(index_dir: Path) -> SketchEngine | None:
     """The loaded engine, or None after showing a one-line error panel."""
     try:
-        engine = load_engine(str(Path(index_dir).resolve()))
-        engine.reload()  # pick up a newer version written by `build-index` since the page loaded
-        return engine
+        return current_engine(str(Path(index_dir).resolve()))
     except IndexFormatError as err:
         st.error(f"Index not usable: {one_line(err)}")
     except ModelMismatchError as err:
@@ -101,6 +99,21 @@ def get_engine(index_dir: Path) -> SketchEngine | None:
         "`sbir-engine build-index`."
     )
     return None
+
+
+def current_engine(index_dir: str) -> SketchEngine:
+    """The cached engine, moved on to a newer version written by `build-index` since it loaded.
+
+    A build with another model makes the cached model useless for the new version (reload refuses
+    it): that engine is dropped and the folder loaded afresh, with the model that built it.
+    """
+    engine = load_engine(index_dir)
+    try:
+        engine.reload()
+    except ModelMismatchError:
+        load_engine.clear(index_dir)
+        engine = load_engine(index_dir)
+    return engine
 
 
 def settings() -> tuple[int, bool, int]:
@@ -200,8 +213,11 @@ def render_result(
     with st.container(key="results"):
         st.subheader("Nearest gallery images")
         neighbours = result.neighbours
+        if result.note:  # why nothing matches, e.g. "only the predicted class" on unlabelled images
+            st.warning(result.note)
         if not neighbours:
-            st.info("The index holds no images that match.")
+            if not result.note:
+                st.info("The index holds no images that match.")
             return
         if len(neighbours) < k:
             st.caption(f"{len(neighbours)} of {k} results: the index holds no more that match.")

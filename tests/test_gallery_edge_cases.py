@@ -1,0 +1,283 @@
+"""Galleries and index folders as users have them: shared folders, odd names, folders that cannot be
+listed, symlinks, user-chosen index types, and edits that must not lose files or entries.
+
+Each test builds a small index of real photos (the session's small model) in its own tmp_path.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from typer.testing import CliRunner
+
+from sbir_engine import build
+from sbir_engine.build import NOT_UTF8, add_files, build_index, remove_files
+from sbir_engine.cli import app
+from sbir_engine.embed import Embedder
+from sbir_engine.index import CURRENT, GalleryIndex, NotAnIndexFolderError, current_version
+from sbir_engine.index_factory import IndexTypeError, estimate_memory
+from sbir_engine.model import load_model
+
+LABELS = ("cat", "cup", "fish")
+
+
+@pytest.fixture(scope="module")
+def embedder(small_run) -> Embedder:
+    return Embedder(load_model(small_run))
+
+
+@pytest.fixture(scope="module")
+def photos(small_photos) -> dict[str, list[Path]]:
+    """A few real photos of each label, to copy into galleries."""
+    return {label: sorted((small_photos / label).iterdir())[:8] for label in LABELS}
+
+
+def make_gallery(root: Path, photos: dict[str, list[Path]], per_label: int = 2) -> Path:
+    for label in LABELS:
+        (root / label).mkdir(parents=True)
+        for path in photos[label][:per_label]:
+            shutil.copyfile(path, root / label / path.name)
+    return root
+
+
+def indexed(index_dir: Path) -> set[str]:
+    return {entry.path for entry in GalleryIndex.load(index_dir).entries.values()}
+
+
+def one_line_error(result) -> str:
+    """The error line of a command that failed without a traceback (a progress bar may come first)."""
+    lines = [line for line in result.output.strip().splitlines() if not line.startswith("Embedding")]
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+# -- the index folder: only a build's own files are ever deleted ----------------------------------
+
+
+def test_a_build_deletes_only_its_versions_and_refuses_a_folder_that_is_not_an_index(
+    photos, small_run, embedder, tmp_path
+):
+    gallery = make_gallery(tmp_path / "gallery", photos, 1)
+    project = tmp_path / "project"  # `--out .` in a project: a venv, videos
+    (project / "venv").mkdir(parents=True)
+    (project / "videos" / "holiday.mp4").parent.mkdir()
+    (project / "videos" / "holiday.mp4").write_text("precious")
+    with pytest.raises(NotAnIndexFolderError, match=f"{project} is not an sbir-engine index .*venv, videos"):
+        build_index(small_run, gallery, project, embedder=embedder)
+    # The gallery itself as --out: refused before anything is embedded, in one line.
+    args = ["build-index", "--model", str(small_run), "--gallery", str(gallery), "--out", str(gallery)]
+    line = one_line_error(CliRunner().invoke(app, args))
+    assert f"{gallery} is not an sbir-engine index" in line and "choose another --out" in line
+    assert sorted(p.name for p in project.iterdir()) == ["venv", "videos"]
+    assert not (gallery / CURRENT).exists()
+
+    # A killed first build's leftovers and hidden files do not make a folder "not an index".
+    index_dir = tmp_path / "index"
+    (index_dir / ".tmp-v000001-99").mkdir(parents=True)
+    (index_dir / ".DS_Store").write_text("")
+    build_index(small_run, gallery, index_dir, embedder=embedder)
+    # Whatever else is put in an index folder later, a build deletes only versions and its temp files.
+    for name in ("vase", "venv", "v1", "v000001-notes", ".tmp-mine"):
+        (index_dir / name).mkdir()
+    (index_dir / "v000007").mkdir()  # a version a killed build left
+    shutil.copyfile(photos["cat"][1], gallery / "cat" / photos["cat"][1].name)
+    build_index(small_run, gallery, index_dir, embedder=embedder)
+    names = sorted(p.name for p in index_dir.iterdir())
+    expected = [".DS_Store", ".tmp-mine", CURRENT, "v000001-notes", "v000002", "v1", "vase", "venv"]
+    assert names == sorted(expected)
+    assert current_version(index_dir).name == "v000002" and len(indexed(index_dir)) == 4
+
+
+# -- gallery files and folders ----------------------------------------------------------------------
+
+
+def test_a_file_whose_name_is_not_utf8_is_reported_and_skipped(photos, small_run, embedder, tmp_path):
+    gallery = make_gallery(tmp_path / "gallery", photos)
+    latin1 = os.fsencode(gallery / "cat") + b"/caf\xe9.jpg"  # 'café.jpg' from an old Latin-1 archive
+    shutil.copyfile(photos["cat"][2], latin1)
+    report = build_index(small_run, gallery, tmp_path / "index", embedder=embedder)
+    assert report.failed == [("cat/caf\\xe9.jpg", NOT_UTF8)] and report.total == 6
+    assert len(indexed(tmp_path / "index")) == 6
+    log = (current_version(tmp_path / "index") / "build.log").read_text(encoding="utf-8")
+    assert "failed cat/caf\\xe9.jpg: its name is not valid UTF-8" in log
+    # `index add` of such a file from outside: reported, not copied in.
+    outside = os.fsencode(tmp_path) + b"/na\xefve.jpg"
+    shutil.copyfile(photos["fish"][2], outside)
+    added = add_files(tmp_path / "index", [Path(os.fsdecode(outside))], label="fish", embedder=embedder)
+    assert added.added == 0 and [reason for _, reason in added.failed] == [NOT_UTF8]
+    assert "na\\xefve.jpg" in added.failed[0][0] and not list((gallery / "fish").glob("na*"))
+
+
+def unlistable(monkeypatch, folder: Path) -> None:
+    """Make ``folder`` fail to list, as a folder without read permission or a dropped mount does
+    (the tests run as root, whom permissions do not stop)."""
+    real = os.scandir
+
+    def scandir(path="."):
+        if not isinstance(path, int) and Path(os.fsdecode(path)) == folder:  # (rmtree passes fds)
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+@pytest.mark.parametrize("where", ["cat", ""])
+def test_a_folder_that_cannot_be_listed_keeps_its_entries(
+    where, photos, small_run, embedder, tmp_path, monkeypatch
+):
+    gallery = make_gallery(tmp_path / "gallery", photos)
+    index_dir = tmp_path / "index"
+    build_index(small_run, gallery, index_dir, embedder=embedder)
+    before = indexed(index_dir)
+    unlistable(monkeypatch, gallery / where if where else gallery)
+    report = build_index(small_run, gallery, index_dir, embedder=embedder)
+    assert report.failed == [
+        (where or str(gallery), "folder cannot be listed (Permission denied): its indexed images are kept")
+    ]
+    assert report.removed == 0 and indexed(index_dir) == before
+
+
+def test_symlinks_in_the_gallery_are_added_and_removed_as_themselves(photos, small_run, embedder, tmp_path):
+    """cat/linkN.jpg → ../fish/realN.jpg: removing (and deleting) a link leaves its target alone,
+    whatever order the path is tried in; `index add` of a new link indexes the link."""
+    gallery = make_gallery(tmp_path / "gallery", photos, 0)
+    for i, path in enumerate(photos["fish"]):
+        shutil.copyfile(path, gallery / "fish" / f"real{i}.jpg")
+        (gallery / "cat" / f"link{i}.jpg").symlink_to(f"../fish/real{i}.jpg")
+    index_dir = tmp_path / "index"
+    build_index(small_run, gallery, index_dir, embedder=embedder)
+    links = [gallery / "cat" / f"link{i}.jpg" for i in range(len(photos["fish"]))]
+    report = remove_files(index_dir, links, delete_files=True)
+    assert report.removed == len(links) and not report.failed
+    assert indexed(index_dir) == {f"fish/real{i}.jpg" for i in range(len(links))}
+    assert not any(os.path.lexists(link) for link in links)
+    assert all((gallery / "fish" / f"real{i}.jpg").is_file() for i in range(len(links)))
+
+    (gallery / "cup" / "new link.jpg").symlink_to("../fish/real0.jpg")
+    added = add_files(index_dir, [gallery / "cup" / "new link.jpg"], embedder=embedder)
+    assert (added.added, added.embedded) == (1, 1) and "cup/new link.jpg" in indexed(index_dir)
+    assert build_index(small_run, gallery, index_dir, embedder=embedder).embedded == 0  # as a rescan
+
+
+# -- index remove / index add ------------------------------------------------------------------------
+
+
+def test_delete_files_deletes_only_after_the_index_committed(
+    photos, small_run, embedder, tmp_path, monkeypatch
+):
+    gallery = make_gallery(tmp_path / "gallery", photos)
+    index_dir = tmp_path / "index"
+    build_index(small_run, gallery, index_dir, embedder=embedder)
+
+    def disk_full(self, store, report):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(build.FaissTarget, "commit", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        remove_files(index_dir, [gallery / "cat"], delete_files=True)
+    assert len(list((gallery / "cat").iterdir())) == 2 and len(indexed(index_dir)) == 6
+    monkeypatch.undo()
+    report = remove_files(index_dir, [gallery / "cat"], delete_files=True)
+    assert report.removed == 2 and not list((gallery / "cat").iterdir())
+
+
+def test_removing_the_gallery_root_is_refused_plainly(photos, small_run, embedder, tmp_path):
+    gallery = make_gallery(tmp_path / "gallery", photos)
+    build_index(small_run, gallery, tmp_path / "index", embedder=embedder)
+    report = remove_files(tmp_path / "index", [gallery], delete_files=True)
+    assert report.removed == 0 and report.failed[0][0] == str(gallery)
+    assert report.failed[0][1].startswith("is the gallery root: the whole gallery is not removed this way")
+    assert len(indexed(tmp_path / "index")) == 6 and len(list(gallery.rglob("*.jpg"))) == 6
+
+
+def test_a_failed_copy_leaves_the_gallery_when_the_model_differs_too(photos, small_run, embedder, tmp_path):
+    gallery = make_gallery(tmp_path / "gallery", photos)
+    index_dir = tmp_path / "index"
+    build_index(small_run, gallery, index_dir, embedder=embedder)
+    other = copy.copy(embedder)  # the same network under another fingerprint: a full rebuild
+    other.model = SimpleNamespace(fingerprint=lambda: "another model")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    report = add_files(index_dir, [broken], label="cat", embedder=other)
+    assert report.full_rebuild_reason and [path for path, _ in report.failed] == ["cat/broken.jpg"]
+    assert not (gallery / "cat" / "broken.jpg").exists()
+
+
+def test_a_batch_size_below_one_is_refused(photos, small_run, embedder, tmp_path):
+    gallery = make_gallery(tmp_path / "gallery", photos, 1)
+    for size in (0, -1):
+        with pytest.raises(ValueError, match="batch size must be at least 1"):
+            build_index(small_run, gallery, tmp_path / "index", batch_size=size, embedder=embedder)
+    assert not (tmp_path / "index").exists()
+    build_index(small_run, gallery, tmp_path / "index", embedder=embedder)
+    with pytest.raises(ValueError, match="at least 1, not 0"):
+        add_files(tmp_path / "index", [photos["cat"][5]], label="cat", batch_size=0, embedder=embedder)
+    args = ["build-index", "--model", str(small_run), "--gallery", str(gallery), "--batch-size", "0"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "other")])
+    assert result.exit_code == 2 and "--batch-size" in result.output
+
+
+# -- user-chosen index types ------------------------------------------------------------------------
+
+
+def test_index_types_are_checked_before_the_model_loads(photos, small_run, tmp_path, monkeypatch):
+    gallery = make_gallery(tmp_path / "gallery", photos, 1)
+
+    def no_model(run_dir):
+        raise AssertionError("the model was loaded before the index type was checked")
+
+    monkeypatch.setattr(build, "load_model", no_model)
+    cases = {
+        "bogus": r"is not a FAISS index type for 512-d inner-product vectors \(could not parse",
+        "PQ7": "is not a FAISS index type .*multiple of the number of subquantizers",
+        "IDMap,Flat": "leave out IDMap",
+    }
+    for factory, message in cases.items():
+        with pytest.raises(IndexTypeError, match=message):
+            build_index(small_run, gallery, tmp_path / "index", index_type=factory)
+    assert not (tmp_path / "index").exists()
+
+
+def test_unmodelled_index_types_build_and_too_big_ones_are_refused_before_embedding(
+    photos, small_run, embedder, tmp_path, monkeypatch
+):
+    gallery = make_gallery(tmp_path / "gallery", photos, 3)
+    assert estimate_memory("IVF4,SQ4", 100, 512) is None and estimate_memory("IVF4_HNSW8,Flat", 1, 8) is None
+    for factory in ("IVF4,SQ4", "IVF4_HNSW8,Flat"):
+        report = build_index(small_run, gallery, tmp_path / factory, index_type=factory, embedder=embedder)
+        assert report.factory == factory and report.total == 9 and report.memory_bytes is None
+    embedded = []
+    monkeypatch.setattr(build, "embed_images", lambda *args, **kwargs: embedded.append(1))
+    with pytest.raises(
+        IndexTypeError, match="'IVF4096,Flat' needs at least 4096 images .* the gallery has 9"
+    ):
+        build_index(small_run, gallery, tmp_path / "ivf4096", index_type="IVF4096,Flat", embedder=embedder)
+    assert not embedded
+
+
+def test_an_ivf_index_emptied_and_refilled(photos, small_run, embedder, tmp_path):
+    """Removing every image leaves an empty (Flat) index that loads; the chosen IVF type returns
+    with the images, and a FAISS error (too few to train on) is one line naming the type."""
+    gallery = make_gallery(tmp_path / "gallery", photos, 3)
+    index_dir = tmp_path / "index"
+    build_index(small_run, gallery, index_dir, index_type="IVF4,Flat", embedder=embedder)
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["index", "remove", *(str(gallery / label) for label in LABELS), "-i", str(index_dir)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "no images: the index is Flat until some are added (IVF4,Flat then)" in result.output
+    empty = GalleryIndex.load(index_dir)
+    assert len(empty) == 0 and empty.factory == "Flat" and empty.meta["factory_source"] == "user"
+    # One image cannot train 4 lists: said in one line, and the index is left as it was.
+    result = runner.invoke(app, ["index", "add", str(gallery / "cat"), "-i", str(index_dir)])
+    line = one_line_error(result)
+    assert "index type IVF4,Flat cannot be built on 3 images" in line and "--index-type" in line
+    assert len(GalleryIndex.load(index_dir)) == 0
+    report = add_files(index_dir, [gallery], embedder=embedder)
+    assert report.factory == "IVF4,Flat" and report.total == 9
