@@ -271,6 +271,10 @@ class FaissTarget:
         budget = self.max_memory or (meta.get("memory_budget") if self.keep_type else None)
         budget = budget or default_memory_budget()
         rejected = dict(meta.get("rejected_factories") or {})
+        # A type the user chose that this build may replace by the size-based choice: said, not silent.
+        chosen = (
+            (meta.get("requested_factory") or store.factory) if meta.get("factory_source") == "user" else None
+        )
         requested = self.index_type
         if not requested and self.keep_type and meta.get("factory_source") == "user":
             requested = meta.get("requested_factory") or store.factory
@@ -295,6 +299,11 @@ class FaissTarget:
                 f"using {candidates[attempt + 1]} instead"
             )
         meta["rejected_factories"] = rejected
+        if source == "size" and chosen and chosen != factory:
+            report.notes.append(
+                f"index type {chosen} (chosen with --index-type) replaced by {factory}, the choice for "
+                f"{n} images: pass --index-type {chosen} to keep it"
+            )
         memory = estimate_memory(factory, n, store.dim, n_classes)
         meta.update(
             factory=factory,

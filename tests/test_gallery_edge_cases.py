@@ -281,3 +281,23 @@ def test_an_ivf_index_emptied_and_refilled(photos, small_run, embedder, tmp_path
     assert len(GalleryIndex.load(index_dir)) == 0
     report = add_files(index_dir, [gallery], embedder=embedder)
     assert report.factory == "IVF4,Flat" and report.total == 9
+
+
+def test_a_rebuild_without_index_type_says_it_replaced_the_chosen_type(photos, small_run, embedder, tmp_path):
+    """A plain `build-index` rerun goes back to the size-based type (as documented); it says so, and
+    how to keep the chosen one, instead of a bare "FAISS index rebuilt"."""
+    gallery = make_gallery(tmp_path / "gallery", photos, 2)
+    index_dir = tmp_path / "index"
+    build_index(small_run, gallery, index_dir, index_type="HNSW8,Flat", embedder=embedder)
+    shutil.copyfile(photos["cat"][2], gallery / "cat" / photos["cat"][2].name)
+    kept = build_index(small_run, gallery, index_dir, index_type="HNSW8,Flat", embedder=embedder)
+    assert kept.factory == "HNSW8,Flat" and not any("replaced" in note for note in kept.notes)
+    shutil.copyfile(photos["cat"][3], gallery / "cat" / photos["cat"][3].name)
+    report = build_index(small_run, gallery, index_dir, embedder=embedder)
+    assert report.factory == "Flat"
+    assert (
+        "index type HNSW8,Flat (chosen with --index-type) replaced by Flat, the choice for 8 images: "
+        "pass --index-type HNSW8,Flat to keep it"
+    ) in report.notes
+    again = build_index(small_run, gallery, index_dir, embedder=embedder)  # size-based from now on
+    assert not any("replaced" in note for note in again.notes)
