@@ -271,13 +271,11 @@ class FaissTarget:
         budget = self.max_memory or (meta.get("memory_budget") if self.keep_type else None)
         budget = budget or default_memory_budget()
         rejected = dict(meta.get("rejected_factories") or {})
-        # A type the user chose that this build may replace by the size-based choice: said, not silent.
+        # A type the user chose: index add / remove keep it, a build without --index-type says it replaced it.
         chosen = (
             (meta.get("requested_factory") or store.factory) if meta.get("factory_source") == "user" else None
         )
-        requested = self.index_type
-        if not requested and self.keep_type and meta.get("factory_source") == "user":
-            requested = meta.get("requested_factory") or store.factory
+        requested = self.index_type or (chosen if self.keep_type else None)
         if requested:
             candidates, source = [requested], "user"
             meta["requested_factory"] = requested  # kept while the index is empty (and Flat)
