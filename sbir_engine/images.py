@@ -293,8 +293,7 @@ def _darkened(grey: np.ndarray) -> np.ndarray:
     if not FAINT <= level <= FAINTEST:
         return grey
     smooth = cv2.GaussianBlur(grey, (3, 3), 0)
-    _, _, stats, _ = cv2.connectedComponentsWithStats((smooth < PAPER_WHITE).astype(np.uint8), connectivity=8)
-    if not (stats[1:, 2:4].max(axis=1) >= SPECK * max(grey.shape)).any():
+    if not (_marks(smooth < PAPER_WHITE)[:, 2:].max(axis=1, initial=0) >= SPECK * max(grey.shape)).any():
         return grey
     # White is where the paper's grain ends, its median less four spreads (the median absolute
     # deviation as a sigma), rather than PAPER_WHITE: thin strokes lose contrast in the smoothing.
@@ -330,8 +329,7 @@ def drawing_box(ink: np.ndarray) -> tuple[int, int, int, int]:
     canvas from 0.97 to 0.34). A speck is a mark whose longer side is under SPECK of the frame's; one
     within that distance of the other marks' box counts as part of the drawing, as do all marks when
     every one of them is a speck."""
-    _, _, stats, _ = cv2.connectedComponentsWithStats(ink.astype(np.uint8), connectivity=8)
-    left, top, width, height = (stats[1:, i] for i in range(4))  # row 0 is the paper
+    left, top, width, height = _marks(ink).T
     bottom, right = top + height, left + width
     reach = SPECK * max(ink.shape)
     speck = np.maximum(width, height) < reach
@@ -345,6 +343,12 @@ def drawing_box(ink: np.ndarray) -> tuple[int, int, int, int]:
         & (left < right[body].max() + reach)
     )
     return top[near].min(), bottom[near].max(), left[near].min(), right[near].max()
+
+
+def _marks(ink: np.ndarray) -> np.ndarray:
+    """The box (left, top, width, height) of each connected mark of ``ink`` (8-connected), a row each."""
+    _, _, stats, _ = cv2.connectedComponentsWithStats(ink.astype(np.uint8), connectivity=8)
+    return stats[1:, :4]  # row 0 is the paper
 
 
 def _restroke(square: np.ndarray, raster: int) -> np.ndarray:

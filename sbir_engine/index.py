@@ -30,6 +30,7 @@ import numpy as np
 from .images import PREPROCESSING_VERSION
 from .index_factory import (
     add_in_chunks,
+    exact_search,
     make_faiss_index,
     refine_exact,
     refine_factor,
@@ -220,18 +221,13 @@ class GalleryIndex:
     def _exact_among(
         self, queries: np.ndarray, allowed: np.ndarray, k: int, block: int = 65_536
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The exact top k among the ``allowed`` ids, read from vectors.npy a block at a time."""
+        """The exact top k among the ``allowed`` ids, read from vectors.npy a block at a time (id -1
+        where fewer exist)."""
         rows = np.sort(self._rows_of(allowed))  # in file order: the memory map is read forwards
+        found, at = exact_search(queries, self.vectors, k, rows, block)
         scores = np.full((len(queries), k), -np.finfo(np.float32).max, np.float32)
         ids = np.full((len(queries), k), -1, np.int64)
-        for start in range(0, len(rows), block):
-            part = rows[start : start + block]
-            vectors = np.ascontiguousarray(self.vectors[part], dtype=np.float32)
-            found, at = faiss.knn(queries, vectors, min(k, len(part)), metric=faiss.METRIC_INNER_PRODUCT)
-            scores = np.concatenate([scores, found], axis=1)
-            ids = np.concatenate([ids, self.ids[part][at]], axis=1)
-            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-            scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+        scores[:, : found.shape[1]], ids[:, : found.shape[1]] = found, self.ids[at]
         return scores, ids
 
     def _search_parameters(self, selector) -> faiss.SearchParameters:

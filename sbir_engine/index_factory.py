@@ -220,17 +220,27 @@ def set_search_parameter(index: faiss.Index, name: str | None, value: int | None
 
 def exact_neighbours(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
     """Row numbers of the exact top-k by inner product, computed in blocks (no copy of ``vectors``)."""
+    return exact_search(queries, vectors, k)[1]
+
+
+def exact_search(
+    queries: np.ndarray, vectors: np.ndarray, k: int, rows: np.ndarray | None = None, block: int = 200_000
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and row numbers of the exact top-k by inner product among ``rows`` of ``vectors`` (all
+    of them by default), read ``block`` rows at a time: a memory-mapped file is never copied whole."""
+    rows = np.arange(len(vectors)) if rows is None else rows
     best_scores = np.full((len(queries), 0), -np.inf, np.float32)
     best_rows = np.zeros((len(queries), 0), np.int64)
-    for start in range(0, len(vectors), 200_000):
-        block = np.ascontiguousarray(vectors[start : start + 200_000], dtype=np.float32)
-        scores, rows = faiss.knn(queries, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+    for start in range(0, len(rows), block):
+        part = rows[start : start + block]
+        chunk = np.ascontiguousarray(vectors[part], dtype=np.float32)
+        scores, at = faiss.knn(queries, chunk, min(k, len(part)), metric=faiss.METRIC_INNER_PRODUCT)
         best_scores = np.concatenate([best_scores, scores], axis=1)
-        best_rows = np.concatenate([best_rows, rows + start], axis=1)
+        best_rows = np.concatenate([best_rows, part[at]], axis=1)
         order = np.argsort(-best_scores, axis=1, kind="stable")[:, :k]
         best_scores = np.take_along_axis(best_scores, order, 1)
         best_rows = np.take_along_axis(best_rows, order, 1)
-    return best_rows
+    return best_scores, best_rows
 
 
 def refine_exact(
