@@ -14,7 +14,6 @@ nothing, and results always resolve under the gallery root.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import stat
@@ -29,6 +28,17 @@ import numpy as np
 
 from .config import IMAGE_EXTENSIONS, EngineConfig
 from .embed import Embedder, check_batch_size, embed_images
+from .gallery import (
+    NOT_UTF8,
+    GalleryFile,
+    check_drawing_patterns,
+    file_sha256,
+    is_drawing,
+    is_utf8,
+    shown,
+    unmatched_patterns,
+    walk_gallery,
+)
 from .index import (
     Entry,
     ForeignIndexError,
@@ -101,13 +111,6 @@ def writer_lock(target) -> Iterator[None]:
 
 
 @dataclass
-class GalleryFile:
-    path: Path  # absolute, as found
-    relative: str  # the manifest's key
-    label: str | None
-
-
-@dataclass
 class BuildReport:
     index_dir: Path
     total: int = 0
@@ -143,72 +146,6 @@ class BuildReport:
         lines.extend(self.notes)
         lines.extend(f"failed {path}: {reason}" for path, reason in self.failed)
         return "\n".join(lines)
-
-
-NOT_UTF8 = "its name is not valid UTF-8 (rename it: the index stores names as UTF-8)"
-
-
-@dataclass
-class GalleryScan:
-    files: list[GalleryFile]
-    # Folders that could not be listed (relative, "" for the root) and why: what the index holds
-    # under them is kept, not dropped as deleted.
-    unlisted: list[tuple[str, str]] = field(default_factory=list)
-
-
-def walk_gallery(root: Path) -> GalleryScan:
-    """Image files under ``root`` (the label is the first folder under the root, if any), and the
-    folders that could not be listed (no permission, a dropped network mount).
-
-    Symlinked folders are not followed, so a link loop cannot hang the scan.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"gallery folder {root} does not exist")
-    scan = GalleryScan([])
-
-    def unlisted(err: OSError) -> None:  # without it os.walk skips the folder: it would look empty
-        folder = Path(err.filename) if err.filename else root
-        relative = folder.relative_to(root).as_posix() if folder.is_relative_to(root) else "."
-        scan.unlisted.append(("" if relative == "." else relative, err.strerror or str(err)))
-
-    for folder, dirs, files in os.walk(root, onerror=unlisted, followlinks=False):
-        dirs.sort()
-        for name in sorted(files):
-            path = Path(folder) / name
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            relative = path.relative_to(root)
-            label = relative.parts[0] if len(relative.parts) > 1 else None
-            scan.files.append(GalleryFile(path, relative.as_posix(), label))
-    return scan
-
-
-def scan_gallery(root: Path) -> list[GalleryFile]:
-    """Image files under ``root``: :func:`walk_gallery`'s files."""
-    return walk_gallery(root).files
-
-
-def shown(path: Path | str) -> str:
-    """A path as a report shows it: a name that is not UTF-8 (Python's surrogate escapes) comes
-    out with its bytes escaped (``caf\\xe9.png``), so printing or logging it cannot fail."""
-    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
-
-
-def is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a byte name decoded with surrogateescape
-        return False
-    return True
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class FaissTarget:
@@ -351,13 +288,18 @@ def build_index(
     full: bool = False,
     embedder: Embedder | None = None,
     target=None,
+    drawings: Iterable[str] | None = None,
 ) -> BuildReport:
     """Embed the gallery into an index; only new or changed files are embedded.
 
     ``target`` is where the index lives: a :class:`FaissTarget` over ``index_dir`` by default,
-    or a ``sbir_engine.milvus.MilvusTarget``.
+    or a ``sbir_engine.milvus.MilvusTarget``. ``drawings``: patterns naming the gallery's drawings
+    (:func:`sbir_engine.gallery.is_drawing`), embedded as sketches are; None keeps the ones the
+    index was built with, ``[]`` embeds every file as a photo. Files whose kind changes are
+    embedded again.
     """
     check_batch_size(batch_size)
+    drawings = None if drawings is None else check_drawing_patterns(drawings)
     target = target or FaissTarget(index_dir, index_type, max_memory)
     with writer_lock(target):
         report = BuildReport(target.location)
@@ -385,7 +327,9 @@ def build_index(
                 f"the gallery moved from {store.meta['gallery_root']} to {Path(gallery).resolve()}: "
                 "entries are matched by relative path and content hash, so nothing unchanged is embedded"
             )
-        files, keep = _scan(gallery, report)
+        if drawings is None:  # a rerun keeps what the user said of the gallery
+            drawings = list(store.meta.get("drawings", [])) if store is not None else []
+        files, keep = _scan(gallery, report, drawings)
         if isinstance(target, FaissTarget) and target.index_type:  # enough images to train it on?
             check_factory(target.index_type, embedder.config.embedding_dim, len(files))
         return _update(
@@ -400,14 +344,16 @@ def build_index(
             True,
             keep=keep,
             fresh=fresh,
+            drawings=drawings,
         )
 
 
-def _scan(gallery: Path, report: BuildReport) -> tuple[list[GalleryFile], list[str]]:
+def _scan(gallery: Path, report: BuildReport, drawings: list[str]) -> tuple[list[GalleryFile], list[str]]:
     """The gallery files a build indexes, and the folders it could not list (their entries stay).
 
     A file whose name is not UTF-8 cannot be written to the manifest; it and an unlisted folder
-    are reported as failures, the rest is built.
+    are reported as failures, the rest is built. A pattern that matches nothing is said: a typo
+    would otherwise embed drawings as photos without a word.
     """
     scan = walk_gallery(gallery)
     for folder, reason in scan.unlisted:
@@ -419,6 +365,12 @@ def _scan(gallery: Path, report: BuildReport) -> tuple[list[GalleryFile], list[s
             files.append(item)
         else:
             report.failed.append((shown(item.relative), NOT_UTF8))
+    if drawings:
+        named = sum(is_drawing(item.relative, drawings) for item in files)
+        patterns = " ".join(f"--drawings {pattern!r}" for pattern in drawings)
+        report.notes.append(f"{named} of {len(files)} files are drawings ({patterns}), embedded as sketches")
+    for pattern in unmatched_patterns(files, drawings):
+        report.notes.append(f"--drawings {pattern!r} matches no file in the gallery")
     return files, [folder for folder, _ in scan.unlisted]
 
 
@@ -550,19 +502,26 @@ def _update(
     drop: set[int] = frozenset(),
     fresh: bool = False,
     keep: Iterable[str] = (),
+    drawings: list[str] | None = None,
 ) -> BuildReport:
     """The one update path: compare ``files`` with the manifest, embed what is new or changed,
     remove ``drop`` (and, for a rescan, entries whose file is gone), add, commit.
 
     ``fresh``: embed every file into a new, empty store (another model), keeping ids by path.
     ``keep``: folders a rescan could not list ("" the root): their entries are not taken for gone.
+    ``drawings``: the patterns that name the drawings (None: those the store was built with); a
+    file they now name otherwise than before is embedded again, as what it now is.
     """
+    before = list(store.meta.get("drawings", [])) if store is not None else []
+    drawings = before if drawings is None else drawings
     old_by_path = {e.path: e for e in store.entries.values()} if store is not None else {}
     next_id = int(store.meta.get("next_id", 0)) if store is not None else 0
     next_id = max(next_id, max(old_by_path.values(), key=lambda e: e.id).id + 1 if old_by_path else 0)
     to_embed: list[tuple[GalleryFile, str, int, int]] = []  # file, sha256, size, id
+    sketches: set[Path] = set()  # the files of to_embed that are drawings
     seen = set()
     contents: list[str] = []  # the sha256 of every file: copies are reported
+    rekinded = {True: 0, False: 0}  # files now named otherwise by --drawings: now a drawing / a photo
     for item in files:
         try:
             info = item.path.stat()
@@ -576,8 +535,12 @@ def _update(
         seen.add(item.relative)
         contents.append(digest)
         old = old_by_path.get(item.relative)
-        if old is not None and old.sha256 == digest and old.label == item.label and not fresh:
+        drawing = is_drawing(item.relative, drawings)
+        same_kind = old is None or is_drawing(old.path, before) == drawing
+        if old is not None and old.sha256 == digest and old.label == item.label and same_kind and not fresh:
             continue
+        if not same_kind and not fresh:
+            rekinded[drawing] += 1
         if old is not None:
             report.updated += 1  # re-embedded under its id
             entry_id = old.id
@@ -585,6 +548,12 @@ def _update(
             report.added += 1
             entry_id, next_id = next_id, next_id + 1  # ids are never reused
         to_embed.append((item, digest, size, entry_id))
+        if drawing:
+            sketches.add(item.path)
+    for now_drawing, count in rekinded.items():
+        if count:
+            why = "drawings: --drawings now names" if now_drawing else "photos: --drawings no longer names"
+            report.notes.append(f"{count} files embedded again as {why} them")
     drop = set(drop)
     if drop_missing:
         drop |= {e.id for path, e in old_by_path.items() if path not in seen and not _under(path, keep)}
@@ -597,11 +566,10 @@ def _update(
 
     if to_embed and embedder is None:
         raise ValueError("files to embed but no model")
-    embedded = (
-        embed_images(embedder, [f.path for f, *_ in to_embed], batch_size, "Embedding gallery")
-        if to_embed
-        else None
-    )
+    embedded = None
+    if to_embed:
+        paths = [f.path for f, *_ in to_embed]
+        embedded = embed_images(embedder, paths, batch_size, "Embedding gallery", sketches=sketches)
     new_entries, vectors, probabilities = [], [], []
     if embedded is not None:
         report.embedded = len(embedded.paths)
@@ -631,6 +599,7 @@ def _update(
             gallery,
         )
         meta["classes"] = list(embedder.config.classes)
+        meta["drawings"] = list(drawings)
         if store is None or fresh:
             store = target.create(embedder.config.embedding_dim, len(embedder.config.classes), meta)
         else:

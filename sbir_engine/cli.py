@@ -77,6 +77,17 @@ def build_index_command(
     ] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     full: Annotated[bool, typer.Option("--full", help="Re-embed everything.")] = False,
+    drawings: Annotated[
+        list[str],
+        typer.Option(
+            help="The gallery's drawings, embedded as sketches are: a file or folder name pattern "
+            "('sketches', '*.sketch.png') or a path from the gallery root ('*/drawings'); repeatable. "
+            "Default: the patterns the index was built with."
+        ),
+    ] = None,
+    no_drawings: Annotated[
+        bool, typer.Option("--no-drawings", help="Embed every gallery file as a photo.")
+    ] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero if any file failed.")] = False,
     backend: Backend = "faiss",
     uri: MilvusUri = "",
@@ -84,11 +95,16 @@ def build_index_command(
 ) -> None:
     """Embed a gallery folder into a FAISS index or Milvus collection (on a rerun: new or changed files).
 
+    Photos are resized as they are; files named by --drawings go through the sketch normaliser
+    (thin or faint lines, large canvases), as a query sketch does.
+
     With --backend milvus, --index-type names a Milvus index (FLAT, HNSW, IVF_FLAT, AUTOINDEX;
     default FLAT for Milvus Lite, AUTOINDEX for a server).
     """
     from .build import build_index
 
+    if drawings and no_drawings:
+        fail("--drawings and --no-drawings contradict each other: give one")
     try:
         target = _target(backend, out, uri, collection, index_type)
         report = build_index(
@@ -100,6 +116,7 @@ def build_index_command(
             int(max_memory * 2**30) or None,
             full,
             target=target,
+            drawings=[] if no_drawings else drawings or None,
         )
     except _index_errors() as err:
         fail(str(err))

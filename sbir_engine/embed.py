@@ -7,7 +7,7 @@ and skipped instead of stopping the run.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,17 +173,24 @@ def embed_images(
     description: str = "Embedding",
     workers: int | None = None,
     prefetch: int = 2,
+    sketches: Collection[Path] = (),
 ) -> Embeddings:
     """Embed image files with a progress bar (images/s); unreadable files are listed in ``failures``.
 
     Decoding runs ``prefetch`` batches ahead on ``workers`` threads (default :func:`decode_workers`)
-    while the network runs, so the network is not kept waiting for images.
+    while the network runs, so the network is not kept waiting for images. The files in
+    ``sketches`` are drawings: they go through the sketch normaliser, as a query sketch does.
     """
     vectors, probabilities, good, failures = [], [], [], []
     workers = workers or decode_workers()
+    sketches = set(sketches)
+
+    def load(path: Path) -> np.ndarray:
+        return embedder.load_sketch(path) if path in sketches else embedder.load_image(path)
+
     with progress_bar() as progress:
         task = progress.add_task(description, total=len(paths))
-        for batch in read_batches(paths, embedder.load_image, batch_size, workers, prefetch):
+        for batch in read_batches(paths, load, batch_size, workers, prefetch):
             failures.extend(batch.failures)
             if batch.paths:
                 emb, probs = embedder(batch.arrays)

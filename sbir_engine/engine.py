@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from .embed import Embedder
+from .gallery import is_drawing
 from .images import PREPROCESSING_VERSION, ImageSource, resize_to_array
 from .index import GalleryIndex, current_version
 from .model import load_model
@@ -110,6 +111,11 @@ class SketchEngine:
     def gallery_root(self) -> Path:
         """The gallery folder of the loaded index version: a rebuild from a moved gallery moves it."""
         return Path(self._index.meta["gallery_root"])
+
+    def is_drawing(self, path: str) -> bool:
+        """Whether the gallery entry at ``path`` (its manifest path) is a drawing, embedded as a
+        sketch is (``build-index --drawings``): as a query it is then normalised, not taken as it is."""
+        return is_drawing(path, self._index.meta.get("drawings", []))
 
     def reload(self) -> bool:
         """Pick up a newer index version written by a build; True if it changed."""

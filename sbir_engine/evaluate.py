@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .build import scan_gallery
 from .embed import Embedder, read_batches
 from .engine import SketchEngine, fused_scores
+from .gallery import scan_gallery
 from .metrics import (
     bootstrap_interval,
     confusion_matrix,

@@ -16,9 +16,10 @@ import pytest
 from typer.testing import CliRunner
 
 from sbir_engine import build
-from sbir_engine.build import NOT_UTF8, add_files, build_index, remove_files
+from sbir_engine.build import add_files, build_index, remove_files
 from sbir_engine.cli import app
 from sbir_engine.embed import Embedder
+from sbir_engine.gallery import NOT_UTF8
 from sbir_engine.index import CURRENT, GalleryIndex, NotAnIndexFolderError, current_version
 from sbir_engine.index_factory import IndexTypeError, estimate_memory
 from sbir_engine.model import load_model

@@ -11,10 +11,11 @@ from PIL import Image
 from test_images import on_desk_askew, photographed
 from typer.testing import CliRunner
 
-from sbir_engine.build import build_index, file_sha256
+from sbir_engine.build import build_index
 from sbir_engine.cli import app
 from sbir_engine.data import read_stroke_records
 from sbir_engine.engine import MAX_DEEPENING, ModelMismatchError, SketchEngine
+from sbir_engine.gallery import file_sha256
 from sbir_engine.images import normalize_sketch, render_strokes
 from sbir_engine.index import GalleryIndex, IndexFormatError, current_version
 

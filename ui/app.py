@@ -238,7 +238,7 @@ def render_result(
                             key=f"more_{neighbour.id}",
                             on_click=choose_more_like,
                             args=(neighbour.path,),
-                            help="Gallery images like this one, taken as it is (no sketch normaliser).",
+                            help="Gallery images like this one (it is the query, embedded as the build did).",
                         )
                     else:
                         st.warning(f"{caption}: gallery file {neighbour.path} is missing")
@@ -302,7 +302,9 @@ def main() -> None:
     path = chosen[0]
     st.caption(f"More like the gallery image {path}")
     st.button("Back to the query's results", key="back", on_click=st.session_state.pop, args=(MORE_LIKE,))
-    run_query(engine, engine.resolve(path), f"the gallery image {path}", k, same_class, photo=True)
+    # Embedded as the build embedded it, so that the image finds itself first.
+    photo = not engine.is_drawing(path)
+    run_query(engine, engine.resolve(path), f"the gallery image {path}", k, same_class, photo)
 
 
 if __name__ == "__main__":
