@@ -19,10 +19,12 @@ import shutil
 import stat
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -116,6 +118,7 @@ class BuildReport:
     total: int = 0
     added: int = 0
     updated: int = 0
+    moved: int = 0  # files moved or renamed in the gallery: their entries keep id and vector
     removed: int = 0
     unchanged: int = 0
     embedded: int = 0
@@ -135,6 +138,7 @@ class BuildReport:
             lines.append(f"full rebuild: {self.full_rebuild_reason}")
         lines.append(
             f"{self.total} images indexed in {self.index_dir}: {self.added} added, {self.updated} updated, "
+            f"{self.moved} moved, "
             f"{self.removed} removed, {self.unchanged} unchanged, {len(self.failed)} failed "
             f"({self.embedded} embedded, {self.seconds:.1f} s)"
         )
@@ -511,14 +515,25 @@ def _update(
     ``keep``: folders a rescan could not list ("" the root): their entries are not taken for gone.
     ``drawings``: the patterns that name the drawings (None: those the store was built with); a
     file they now name otherwise than before is embedded again, as what it now is.
+    Content already indexed as the same kind (same sha256) is not embedded again: its vector is
+    reused, and a file moved or renamed within the gallery keeps its entry's id.
     """
     before = list(store.meta.get("drawings", [])) if store is not None else []
     drawings = before if drawings is None else drawings
     old_by_path = {e.path: e for e in store.entries.values()} if store is not None else {}
     next_id = int(store.meta.get("next_id", 0)) if store is not None else 0
     next_id = max(next_id, max(old_by_path.values(), key=lambda e: e.id).id + 1 if old_by_path else 0)
-    to_embed: list[tuple[GalleryFile, str, int, int]] = []  # file, sha256, size, id
-    sketches: set[Path] = set()  # the files of to_embed that are drawings
+    to_embed: list[_Task] = []
+    indexed: dict[tuple[str, bool], int] = {}  # (sha256, drawing) → an entry holding its vector
+    gone: dict[tuple[str, bool], list[int]] = defaultdict(list)  # the same, of files no longer there
+    if not fresh:  # another model's vectors are of no use
+        present = {item.relative for item in files}
+        for entry in old_by_path.values():
+            key = (entry.sha256, is_drawing(entry.path, before))
+            indexed[key] = entry.id
+            if drop_missing and entry.path not in present and not _under(entry.path, keep):
+                gone[key].append(entry.id)
+    moved: set[int] = set()  # ids whose file moved: kept by the file at its new path
     seen = set()
     contents: list[str] = []  # the sha256 of every file: copies are reported
     rekinded = {True: 0, False: 0}  # files now named otherwise by --drawings: now a drawing / a photo
@@ -544,19 +559,23 @@ def _update(
         if old is not None:
             report.updated += 1  # re-embedded under its id
             entry_id = old.id
+        elif gone[(digest, drawing)]:  # the content of a file gone: moved or renamed here
+            report.moved += 1
+            entry_id = gone[(digest, drawing)].pop()
+            moved.add(entry_id)
         else:
             report.added += 1
             entry_id, next_id = next_id, next_id + 1  # ids are never reused
-        to_embed.append((item, digest, size, entry_id))
-        if drawing:
-            sketches.add(item.path)
+        to_embed.append(_Task(item, digest, size, entry_id, drawing))
     for now_drawing, count in rekinded.items():
         if count:
             why = "drawings: --drawings now names" if now_drawing else "photos: --drawings no longer names"
             report.notes.append(f"{count} files embedded again as {why} them")
     drop = set(drop)
     if drop_missing:
-        drop |= {e.id for path, e in old_by_path.items() if path not in seen and not _under(path, keep)}
+        drop |= {
+            e.id for path, e in old_by_path.items() if path not in seen and not _under(path, keep)
+        } - moved
         copies = repeated_contents(contents)
         if copies:  # indexed all the same: each is a path someone may look for
             report.notes.append(
@@ -564,30 +583,33 @@ def _update(
                 "a query answers with each content once and names its copies"
             )
 
+    new_entries, vectors, probabilities = _reuse(
+        store, [task for task in to_embed if task.key in indexed], indexed, report
+    )
+    to_embed = [task for task in to_embed if task.key not in indexed]
     if to_embed and embedder is None:
         raise ValueError("files to embed but no model")
     embedded = None
     if to_embed:
-        paths = [f.path for f, *_ in to_embed]
+        paths = [task.item.path for task in to_embed]
+        sketches = {task.item.path for task in to_embed if task.drawing}
         embedded = embed_images(embedder, paths, batch_size, "Embedding gallery", sketches=sketches)
-    new_entries, vectors, probabilities = [], [], []
     if embedded is not None:
         report.embedded = len(embedded.paths)
-        by_path = {f.path: (f, digest, size, entry_id) for f, digest, size, entry_id in to_embed}
+        by_path = {task.item.path: task for task in to_embed}
         for path, reason in embedded.failures:
-            item, _, _, entry_id = by_path[path]
+            item, entry_id = by_path[path].item, by_path[path].entry_id
             report.failed.append((item.relative, reason))
             if item.relative in old_by_path:  # updated into something unreadable: drop the stale entry
                 report.updated -= 1
                 drop.add(entry_id)
             else:
                 report.added -= 1
-        for path in embedded.paths:
-            item, digest, size, entry_id = by_path[path]
-            new_entries.append(Entry(entry_id, item.relative, item.label, digest, size))
-        vectors, probabilities = embedded.vectors, embedded.probabilities
+        new_entries.extend(by_path[path].entry() for path in embedded.paths)
+        vectors.append(embedded.vectors)
+        probabilities.append(embedded.probabilities)
     report.removed = len(drop & {e.id for e in old_by_path.values()})
-    report.unchanged = 0 if fresh else len(old_by_path) - report.updated - report.removed
+    report.unchanged = 0 if fresh else len(old_by_path) - report.updated - report.removed - report.moved
 
     if embedder is not None:
         meta = new_meta(
@@ -609,9 +631,45 @@ def _update(
     store.meta["next_id"] = next_id
     store.remove(drop)
     if new_entries:
-        store.add(new_entries, np.asarray(vectors, np.float32), np.asarray(probabilities, np.float32))
+        store.add(new_entries, np.concatenate(vectors), np.concatenate(probabilities))
     target.commit(store, report)
     return report
+
+
+class _Task(NamedTuple):
+    """A gallery file to index under ``entry_id``: embedded, or given a stored vector."""
+
+    item: GalleryFile
+    digest: str  # sha256
+    size: int
+    entry_id: int
+    drawing: bool
+
+    @property
+    def key(self) -> tuple[str, bool]:
+        """What its vector depends on: the content, and whether it is embedded as a drawing."""
+        return self.digest, self.drawing
+
+    def entry(self) -> Entry:
+        return Entry(self.entry_id, self.item.relative, self.item.label, self.digest, self.size)
+
+
+def _reuse(
+    store: VectorStore | None, tasks: list[_Task], indexed: dict[tuple[str, bool], int], report: BuildReport
+) -> tuple[list[Entry], list[np.ndarray], list[np.ndarray]]:
+    """Entries for files whose content the store holds already (``indexed``: an entry by key), with
+    that entry's stored vector and probabilities: a moved, renamed or copied file is not embedded."""
+    if not tasks:
+        return [], [], []
+    vectors, probabilities = store.stored([indexed[task.key] for task in tasks])
+    report.notes.append(
+        f"{len(tasks)} files not embedded: their content is indexed already (moved, renamed or copied)"
+    )
+    return (
+        [task.entry() for task in tasks],
+        [np.asarray(vectors, np.float32)],
+        [np.asarray(probabilities, np.float32)],
+    )
 
 
 def _under(path: str, folders: Iterable[str]) -> bool:

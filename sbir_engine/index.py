@@ -111,6 +111,9 @@ class VectorStore(Protocol):
     def remove(self, ids: Iterable[int]) -> int:
         """Drop entries by id; returns how many were there."""
 
+    def stored(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The vectors and class probabilities stored for entries, in the order of ``ids``."""
+
 
 def label_counts(entries: Iterable[Entry]) -> Counter[str]:
     """How many entries carry each label ("-" for those without one)."""
@@ -263,6 +266,11 @@ class GalleryIndex:
             self.stale = True  # a large batch is better built in one go (see make_faiss_index)
         if not self.stale:
             self.index.add_with_ids(vectors, new_ids)
+
+    def stored(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The vectors and class probabilities stored for entries, in the order of ``ids``."""
+        rows = [self.rows[int(i)] for i in ids]
+        return self.vectors[rows], self.probabilities[rows]
 
     def remove(self, ids: Iterable[int]) -> int:
         """Drop entries by id: in place for exact (Flat) search, else :meth:`refresh` rebuilds."""

@@ -268,6 +268,18 @@ class MilvusStore:
             found.update((entry.id, (entry, probs)) for entry, probs in fetched)
         return found
 
+    def stored(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The vectors and class probabilities stored for entries, in the order of ``ids``."""
+        wanted = [int(i) for i in ids]
+        found = {}
+        for start in range(0, len(wanted), MAX_TOP_K):
+            chunk = wanted[start : start + MAX_TOP_K]
+            for row in self.client.get(self.collection, ids=chunk, output_fields=["vector", "probabilities"]):
+                found[int(row["id"])] = row
+        vectors = np.array([found[i]["vector"] for i in wanted], np.float32).reshape(len(wanted), self.dim)
+        probabilities = np.array([found[i]["probabilities"] for i in wanted], np.float32)
+        return vectors, probabilities.reshape(len(wanted), -1)
+
     def iter_entries(self, batch_size: int = 5_000) -> Iterator[Entry]:
         """Every entry (without vectors), streamed: what an incremental build compares against."""
         with _quiet_lite(self.uri):

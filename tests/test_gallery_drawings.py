@@ -139,7 +139,7 @@ def test_a_rerun_keeps_the_patterns_and_a_change_embeds_only_the_files_it_moves(
 
     # A drawing added later is embedded as the recorded patterns say, not as a photo.
     new = gallery / "cat" / "drawings" / "new.png"
-    render_strokes(records["cat"][0]["drawing"], *SCAN).save(new)
+    render_strokes(records["cat"][0]["drawing"], SCAN[0], SCAN[1] + 1).save(new)  # not a copy of a drawing
     added = add_files(index_dir, [new], embedder=embedder)
     assert added.added == 1, added.summary()
     index = GalleryIndex.load(index_dir)
@@ -147,8 +147,13 @@ def test_a_rerun_keeps_the_patterns_and_a_change_embeds_only_the_files_it_moves(
     stored = index.vectors[index.rows[entry.id]]
     assert float(stored @ embedder(embedder.load_sketch(new)[None])[0][0]) > 0.999
 
+    # Moved out of the drawings' folder it is a photo now: embedded again, not moved with its vector.
+    (gallery / "cat" / "drawings" / "new.png").rename(gallery / "cat" / "new.png")
+    out = build_index(small_run, gallery, index_dir, embedder=embedder)
+    assert (out.embedded, out.added, out.removed, out.moved) == (1, 1, 1, 0), out.summary()
+
     cleared = build_index(small_run, gallery, index_dir, embedder=embedder, drawings=[])
-    assert cleared.embedded == len(DRAWINGS) + 1 and GalleryIndex.load(index_dir).meta["drawings"] == []
+    assert cleared.embedded == len(DRAWINGS) and GalleryIndex.load(index_dir).meta["drawings"] == []
 
 
 def test_cli_drawings_options(small_run, mixed_gallery, tmp_path):
@@ -199,4 +204,13 @@ def test_a_milvus_collection_keeps_the_patterns_too(small_run, mixed_gallery, em
     assert again.embedded == 0, again.summary()
     store = MilvusStore.open(uri, MilvusTarget(uri).collection)
     assert store.meta["drawings"] == ["drawings"]
+    ids = {entry.path: entry.id for entry in store.entries.values()}
+    # A renamed drawing keeps its id and the vector the collection holds.
+    gallery = tmp_path / "gallery"
+    shutil.copytree(mixed_gallery, gallery)
+    (gallery / "cup" / "drawings" / "cup_0010.png").rename(gallery / "cup" / "drawings" / "renamed.png")
+    renamed = build_index(small_run, gallery, None, embedder=embedder, target=MilvusTarget(uri))
+    assert (renamed.embedded, renamed.moved, renamed.removed) == (0, 1, 0), renamed.summary()
+    entries = {e.path: e for e in MilvusStore.open(uri, MilvusTarget(uri).collection).entries.values()}
+    assert entries["cup/drawings/renamed.png"].id == ids["cup/drawings/cup_0010.png"]
     assert SketchEngine.from_store(store, small_run).is_drawing("cat/drawings/cat_0010.png")

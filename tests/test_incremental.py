@@ -114,6 +114,40 @@ def test_add_and_remove_embed_only_what_changed(workspace, incoming, embedder, s
     assert info["factory"] == "Flat" and info["recall_at_10"] == 1.0 and info["memory_bytes"] > 0
 
 
+def test_moved_renamed_and_copied_files_are_not_embedded_again(workspace, embedder, small_run):
+    gallery, index = workspace
+    before = GalleryIndex.load(index)
+    by_path = {entry.path: entry for entry in before.entries.values()}
+    cat, fish = (
+        sorted(p for p in by_path if p.startswith("cat/")),
+        sorted(p for p in by_path if p.startswith("fish/")),
+    )
+    (gallery / cat[0]).rename(gallery / "cat" / "renamed.jpg")  # renamed in its folder
+    (gallery / fish[0]).rename(gallery / "cup" / "was_a_fish.jpg")  # moved to another class folder
+    shutil.copyfile(gallery / cat[1], gallery / "cat" / "copy.jpg")  # a copy of an indexed file
+    report = build_index(small_run, gallery, index, embedder=embedder)
+    assert (report.embedded, report.moved, report.added, report.removed) == (0, 2, 1, 0), report.summary()
+    assert report.unchanged == len(by_path) - 2 and "3 files not embedded" in "\n".join(report.notes)
+    after = GalleryIndex.load(index)
+    entries = {entry.path: entry for entry in after.entries.values()}
+    # A moved file keeps its id and vector, with the label of where it is now; a copy gets its own id.
+    assert entries["cat/renamed.jpg"].id == by_path[cat[0]].id
+    assert (
+        entries["cup/was_a_fish.jpg"].id == by_path[fish[0]].id
+        and entries["cup/was_a_fish.jpg"].label == "cup"
+    )
+    assert entries["cat/copy.jpg"].id not in {entry.id for entry in before.entries.values()}
+    for path, source in (
+        ("cat/renamed.jpg", cat[0]),
+        ("cup/was_a_fish.jpg", fish[0]),
+        ("cat/copy.jpg", cat[1]),
+    ):
+        stored = after.vectors[after.rows[entries[path].id]]
+        assert np.array_equal(stored, before.vectors[before.rows[by_path[source].id]])
+        assert float(stored @ own_vector(embedder, gallery / path)) > 0.999  # what embedding it would give
+    assert cat[0] not in entries and fish[0] not in entries
+
+
 def test_remove_with_delete_files_and_failures(workspace, embedder, small_run, tmp_path):
     gallery, index = workspace
     before = GalleryIndex.load(index)
