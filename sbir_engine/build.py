@@ -46,6 +46,7 @@ from .index import (
     ForeignIndexError,
     GalleryIndex,
     IndexFormatError,
+    Salvage,
     VectorStore,
     check_index_folder,
     index_exists,
@@ -203,6 +204,9 @@ class FaissTarget:
 
         return resolve_model_dir(self.index_dir, meta)
 
+    def salvage(self) -> Salvage:
+        return Salvage.read(self.index_dir)
+
     def create(self, dim: int, n_classes: int, meta: dict) -> GalleryIndex:
         return GalleryIndex.empty(dim, n_classes, meta)
 
@@ -308,7 +312,7 @@ def build_index(
     with writer_lock(target):
         report = BuildReport(target.location)
         _check_index_type(target, model_dir, embedder)
-        store, fresh = None, False
+        store, fresh, salvage = None, False, None
         try:  # before the model loads: a refusal here is said at once
             store = target.open()
         except ForeignIndexError as err:
@@ -317,6 +321,7 @@ def build_index(
             report.full_rebuild_reason = f"asked for (--full): replacing an index it cannot read ({err})"
         except IndexFormatError as err:  # ours but damaged: the gallery rebuilds it
             report.full_rebuild_reason = f"the previous index cannot be used ({err})"
+            salvage = target.salvage() if isinstance(target, FaissTarget) else None
         embedder = embedder or Embedder(load_model(model_dir))
         if store is not None and store.meta["model"]["fingerprint"] != embedder.model.fingerprint():
             report.full_rebuild_reason = (
@@ -330,6 +335,11 @@ def build_index(
             report.notes.append(
                 f"the gallery moved from {store.meta['gallery_root']} to {Path(gallery).resolve()}: "
                 "entries are matched by relative path and content hash, so nothing unchanged is embedded"
+            )
+        if salvage is not None and salvage.entries:  # every file embedded again, under its old id
+            store, fresh = salvage, True
+            report.full_rebuild_reason += (
+                f"; the ids of {len(salvage.entries)} files read from its manifest are kept"
             )
         if drawings is None:  # a rerun keeps what the user said of the gallery
             drawings = list(store.meta.get("drawings", [])) if store is not None else []

@@ -561,6 +561,12 @@ def index_info(
         typer.echo(
             f"copies      {copies} files repeat another file's content (a query shows each content once)"
         )
+    if meta.get("drawings"):
+        from .gallery import is_drawing
+
+        named = sum(is_drawing(e.path, meta["drawings"]) for e in entries)
+        patterns = " ".join(f"--drawings {pattern!r}" for pattern in meta["drawings"])
+        typer.echo(f"drawings    {named} embedded as sketches ({patterns}); the rest as photos")
 
 
 @index_app.command("add")

@@ -457,6 +457,53 @@ def current_version(index_dir: Path) -> Path:
     return version
 
 
+@dataclass
+class Salvage:
+    """What a damaged index version still tells a rebuild, read line by line: the manifest's
+    entries (so that files keep their ids) and, from its metadata, the next id and the
+    ``--drawings`` patterns. Shaped like a store's ``entries`` and ``meta``, without vectors."""
+
+    entries: dict[int, Entry]
+    meta: dict
+
+    @classmethod
+    def read(cls, index_dir: Path) -> Salvage:
+        try:
+            version = current_version(index_dir)
+        except IndexFormatError:
+            return cls({}, {})
+        entries: dict[int, Entry] = {}
+        paths = set()
+        for line in _lines(version / "manifest.jsonl"):
+            try:
+                entry = Entry(**json.loads(line))
+            except (ValueError, TypeError):
+                continue  # a damaged line: that file is indexed anew
+            if isinstance(entry.id, int) and entry.id not in entries and entry.path not in paths:
+                entries[entry.id] = entry
+                paths.add(entry.path)
+        try:
+            meta = json.loads("\n".join(_lines(version / "index.json")))
+        except ValueError:
+            meta = None
+        meta = meta if isinstance(meta, dict) else {}
+        # Only what a rebuild takes over, and only if it is what a build writes.
+        kept = {}
+        if isinstance(meta.get("next_id"), int):
+            kept["next_id"] = meta["next_id"]
+        drawings = meta.get("drawings")
+        if isinstance(drawings, list) and all(isinstance(pattern, str) for pattern in drawings):
+            kept["drawings"] = drawings
+        return cls(entries, kept)
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+
+
 def index_exists(index_dir: Path) -> bool:
     return _read_pointer(Path(index_dir)) is not None
 

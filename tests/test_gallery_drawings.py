@@ -13,6 +13,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import SMALL_CLASSES
 from typer.testing import CliRunner
 
 from sbir_engine.build import add_files, build_index
@@ -156,7 +157,7 @@ def test_a_rerun_keeps_the_patterns_and_a_change_embeds_only_the_files_it_moves(
     assert cleared.embedded == len(DRAWINGS) and GalleryIndex.load(index_dir).meta["drawings"] == []
 
 
-def test_cli_drawings_options(small_run, mixed_gallery, tmp_path):
+def test_cli_drawings_options(small_run, mixed_gallery, records, tmp_path):
     runner = CliRunner()
     base = ["build-index", "--model", str(small_run), "--gallery", str(mixed_gallery)]
     both = runner.invoke(app, [*base, "--out", str(tmp_path / "a"), "--drawings", "x", "--no-drawings"])
@@ -167,6 +168,12 @@ def test_cli_drawings_options(small_run, mixed_gallery, tmp_path):
     assert typo.exit_code == 0, typo.output
     assert "--drawings 'drawing' matches no file in the gallery" in typo.output
     assert GalleryIndex.load(tmp_path / "b").meta["drawings"] == ["drawing", "*/drawings"]
+    info = runner.invoke(app, ["index", "info", "--index", str(tmp_path / "b")])
+    n_drawings = len(DRAWINGS) * len(SMALL_CLASSES)
+    assert (
+        f"drawings    {n_drawings} embedded as sketches (--drawings 'drawing' --drawings '*/drawings')"
+        in info.output
+    )
     bad = runner.invoke(app, [*base, "--out", str(tmp_path / "c"), "--drawings", "../x"])
     assert bad.exit_code == 1 and "not a pattern over the gallery's relative paths" in bad.output
     assert not (tmp_path / "c").exists()  # refused before anything was written

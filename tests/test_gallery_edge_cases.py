@@ -7,6 +7,7 @@ Each test builds a small index of real photos (the session's small model) in its
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 from pathlib import Path
@@ -303,3 +304,32 @@ def test_a_rebuild_without_index_type_says_it_replaced_the_chosen_type(photos, s
     ) in report.notes
     again = build_index(small_run, gallery, index_dir, embedder=embedder)  # size-based from now on
     assert not any("replaced" in note for note in again.notes)
+
+
+def test_a_damaged_index_is_rebuilt_keeping_the_ids_its_manifest_still_holds(
+    photos, small_run, embedder, tmp_path
+):
+    gallery = make_gallery(tmp_path / "gallery", photos, per_label=3)
+    index_dir = tmp_path / "index"
+    build_index(small_run, gallery, index_dir, embedder=embedder, drawings=["nothing-yet"])
+    remove_files(index_dir, [gallery / "fish"], delete_files=True)  # their ids are never given again
+    ids = {entry.path: entry.id for entry in GalleryIndex.load(index_dir).entries.values()}
+    next_id = GalleryIndex.load(index_dir).meta["next_id"]
+    assert next_id > max(ids.values()) + 1
+    version = current_version(index_dir)
+    (version / "vectors.npy").write_bytes(b"\x93NUMPY damaged")
+    lines = (version / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
+    lost = json.loads(lines[0])["path"]
+    (version / "manifest.jsonl").write_text("\n".join(["{not json", *lines[1:]]) + "\n", encoding="utf-8")
+    shutil.copyfile(photos["fish"][5], gallery / "cup" / "new.jpg")
+
+    report = build_index(small_run, gallery, index_dir, embedder=embedder)
+    assert "the previous index cannot be used" in report.full_rebuild_reason
+    assert f"the ids of {len(ids) - 1} files read from its manifest are kept" in report.full_rebuild_reason
+    rebuilt = {entry.path: entry.id for entry in GalleryIndex.load(index_dir).entries.values()}
+    assert {path: rebuilt[path] for path in ids if path != lost} == {
+        p: i for p, i in ids.items() if p != lost
+    }
+    # The file whose manifest line was damaged, and the new one, get ids never given before.
+    assert min(rebuilt[lost], rebuilt["cup/new.jpg"]) >= next_id and rebuilt[lost] != rebuilt["cup/new.jpg"]
+    assert GalleryIndex.load(index_dir).meta["drawings"] == ["nothing-yet"]  # as the index was built
