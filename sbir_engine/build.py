@@ -1,21 +1,22 @@
 """``build_index``: gallery folder → index, incrementally; ``add_files`` / ``remove_files`` edit one.
 
 Rerunning a build embeds only new or changed files (by content hash), drops entries of deleted
-files and keeps the ids of everything else. A different model means a full rebuild. All three
+files and keeps the ids of everything else; content indexed already is never embedded twice (a
+moved or renamed file keeps its id and vector). A different model means a full rebuild. All three
 share one code path (:func:`_update`): compare files with the manifest, embed what is new, then
 ``remove`` / ``add`` on a :class:`~sbir_engine.index.VectorStore` and let its target commit it — a
 FAISS index folder (:class:`FaissTarget`) or a Milvus collection (``sbir_engine.milvus``).
 
 ``add_files`` keeps the rule that the index mirrors the gallery folder: a file inside the gallery
 is indexed where it is; a file from elsewhere is first copied to ``<gallery>/<label>/<name>`` (or
-``<gallery>/<name>`` without a label), so a later ``build-index`` rescan finds it and changes
-nothing, and results always resolve under the gallery root.
+``<gallery>/<name>`` without a label; :func:`sbir_engine.gallery.stage_files`), so a later
+``build-index`` rescan finds it and changes nothing, and results always resolve under the
+gallery root.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import threading
 import time
@@ -28,16 +29,18 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .config import IMAGE_EXTENSIONS, EngineConfig
+from .config import EngineConfig
 from .embed import Embedder, check_batch_size, embed_images
 from .gallery import (
     NOT_UTF8,
     GalleryFile,
     check_drawing_patterns,
     file_sha256,
+    gallery_relative,
     is_drawing,
     is_utf8,
     shown,
+    stage_files,
     unmatched_patterns,
     walk_gallery,
 )
@@ -425,7 +428,7 @@ def add_files(
         gallery = Path(store.meta["gallery_root"])
         model_dir = Path(model_dir) if model_dir else target.model_dir(store.meta)
         embedder = embedder or Embedder(load_model(model_dir))
-        files, copied = _stage(paths, gallery, label, report)
+        files, copied = stage_files(paths, gallery, label, report.failed)
         if store.meta["model"]["fingerprint"] != embedder.model.fingerprint():
             rebuilt = build_index(
                 model_dir, gallery, None, batch_size=batch_size, embedder=embedder, target=target
@@ -467,7 +470,7 @@ def remove_files(
         by_path = {entry.path: entry.id for entry in store.entries.values()}
         drop: dict[int, str] = {}
         for given in paths:
-            relative = _gallery_relative(Path(given), gallery)
+            relative = gallery_relative(Path(given), gallery)
             if relative == "":  # with --delete-files it would empty the gallery: refused, not guessed at
                 report.failed.append((shown(given), GALLERY_ROOT))
                 continue
@@ -685,84 +688,3 @@ def _reuse(
 def _under(path: str, folders: Iterable[str]) -> bool:
     """Whether a manifest path lies in one of ``folders`` (relative; "" is the gallery root)."""
     return any(not folder or path.startswith(folder + "/") for folder in folders)
-
-
-def _gallery_relative(path: Path, gallery: Path) -> str | None:
-    """``path`` as a manifest key ("" for the gallery root itself; None if outside the gallery).
-
-    A path on disk (or an absolute one) is taken relative to the gallery root; anything else is
-    taken to be a manifest key already, as ``query`` prints them. The file itself comes first,
-    its folders resolved: a symlink in the gallery is that entry (as a rescan finds it), not the
-    file it points to. Only a path that is not in the gallery so is resolved to its target.
-    """
-    bases = [gallery.resolve(), Path(os.path.abspath(gallery))]
-    absolute = Path(os.path.abspath(path))
-    candidates = [absolute.parent.resolve() / absolute.name]
-    if os.path.lexists(path):
-        candidates.append(absolute.resolve())
-    for candidate in candidates:
-        for base in bases:
-            if candidate.is_relative_to(base):
-                relative = candidate.relative_to(base).as_posix()
-                return "" if relative == "." else relative
-    if path.is_absolute() or os.path.lexists(path):
-        return None
-    return path.as_posix().strip("/")
-
-
-def _stage(
-    paths: Iterable[Path], gallery: Path, label: str | None, report: BuildReport
-) -> tuple[list[GalleryFile], dict[str, Path]]:
-    """The gallery files that ``add_files`` indexes, copying outside files in; failures go to the report."""
-    gallery = Path(gallery)
-    if label is not None and (not label or "/" in label or label in (".", "..") or not is_utf8(label)):
-        raise ValueError(f"--label {shown(label)!r} is not a folder name (in UTF-8)")
-    staged: dict[str, GalleryFile] = {}
-    copied: dict[str, Path] = {}
-    for given in paths:
-        given = Path(given)
-        if not given.exists():
-            report.failed.append((shown(given), "no such file or folder"))
-            continue
-        # A linked file in the gallery is indexed as itself; a folder is taken where it really is
-        # (a rescan does not follow linked folders: it would drop what was indexed under the link).
-        inside = _gallery_relative(given.resolve() if given.is_dir() else given, gallery)
-        if given.is_dir():
-            scan = walk_gallery(given)
-            report.failed.extend(
-                (shown(given / folder), f"cannot be listed ({why})") for folder, why in scan.unlisted
-            )
-            sources = [(f.path, Path(f.relative)) for f in scan.files]
-        elif given.suffix.lower() in IMAGE_EXTENSIONS:
-            sources = [(given, Path(given.name))]
-        else:
-            report.failed.append((shown(given), f"not an image file ({', '.join(IMAGE_EXTENSIONS)})"))
-            continue
-        for source, relative in sources:
-            if not is_utf8(relative.as_posix()) or inside is not None and not is_utf8(inside):
-                report.failed.append((shown(source), NOT_UTF8))
-                continue
-            if inside is not None:  # indexed in place; its folder is its label
-                key = Path(inside, relative).as_posix() if given.is_dir() else inside
-                file_label = key.split("/")[0] if "/" in key else None
-                if label is not None and file_label != label:
-                    report.failed.append(
-                        (key, f"inside the gallery its label is its folder ({file_label}), not {label!r}")
-                    )
-                    continue
-                staged[key] = GalleryFile(gallery / key, key, file_label)
-                continue
-            key = (Path(label) / relative if label else relative).as_posix()
-            destination = gallery / key
-            if destination.exists():
-                if file_sha256(destination) != file_sha256(source):
-                    report.failed.append(
-                        (shown(source), f"{shown(destination)} exists and is a different file")
-                    )
-                    continue
-            else:
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(source, destination)
-                copied[key] = destination
-            staged[key] = GalleryFile(destination, key, key.split("/")[0] if "/" in key else None)
-    return list(staged.values()), copied

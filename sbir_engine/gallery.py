@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -130,3 +131,85 @@ def unmatched_patterns(files: Iterable[GalleryFile], patterns: Iterable[str]) ->
         if not left:
             break
     return left
+
+
+def gallery_relative(path: Path, gallery: Path) -> str | None:
+    """``path`` as a manifest key ("" for the gallery root itself; None if outside the gallery).
+
+    A path on disk (or an absolute one) is taken relative to the gallery root; anything else is
+    taken to be a manifest key already, as ``query`` prints them. The file itself comes first,
+    its folders resolved: a symlink in the gallery is that entry (as a rescan finds it), not the
+    file it points to. Only a path that is not in the gallery so is resolved to its target.
+    """
+    bases = [gallery.resolve(), Path(os.path.abspath(gallery))]
+    absolute = Path(os.path.abspath(path))
+    candidates = [absolute.parent.resolve() / absolute.name]
+    if os.path.lexists(path):
+        candidates.append(absolute.resolve())
+    for candidate in candidates:
+        for base in bases:
+            if candidate.is_relative_to(base):
+                relative = candidate.relative_to(base).as_posix()
+                return "" if relative == "." else relative
+    if path.is_absolute() or os.path.lexists(path):
+        return None
+    return path.as_posix().strip("/")
+
+
+def stage_files(
+    paths: Iterable[Path], gallery: Path, label: str | None, failed: list[tuple[str, str]]
+) -> tuple[list[GalleryFile], dict[str, Path]]:
+    """The gallery files that ``index add`` indexes, and the files it copied in from outside (by
+    manifest key): a file inside the gallery is taken where it is, its first folder its label; a
+    file or folder from elsewhere is copied to ``<gallery>/<label>/`` (see :mod:`sbir_engine.build`).
+    Files that cannot be staged go to ``failed`` as (path, reason)."""
+    gallery = Path(gallery)
+    if label is not None and (not label or "/" in label or label in (".", "..") or not is_utf8(label)):
+        raise ValueError(f"--label {shown(label)!r} is not a folder name (in UTF-8)")
+    staged: dict[str, GalleryFile] = {}
+    copied: dict[str, Path] = {}
+    for given in paths:
+        given = Path(given)
+        if not given.exists():
+            failed.append((shown(given), "no such file or folder"))
+            continue
+        # A linked file in the gallery is indexed as itself; a folder is taken where it really is
+        # (a rescan does not follow linked folders: it would drop what was indexed under the link).
+        inside = gallery_relative(given.resolve() if given.is_dir() else given, gallery)
+        if given.is_dir():
+            scan = walk_gallery(given)
+            failed.extend(
+                (shown(given / folder), f"cannot be listed ({why})") for folder, why in scan.unlisted
+            )
+            sources = [(f.path, Path(f.relative)) for f in scan.files]
+        elif given.suffix.lower() in IMAGE_EXTENSIONS:
+            sources = [(given, Path(given.name))]
+        else:
+            failed.append((shown(given), f"not an image file ({', '.join(IMAGE_EXTENSIONS)})"))
+            continue
+        for source, relative in sources:
+            if not is_utf8(relative.as_posix()) or inside is not None and not is_utf8(inside):
+                failed.append((shown(source), NOT_UTF8))
+                continue
+            if inside is not None:  # indexed in place; its folder is its label
+                key = Path(inside, relative).as_posix() if given.is_dir() else inside
+                file_label = key.split("/")[0] if "/" in key else None
+                if label is not None and file_label != label:
+                    failed.append(
+                        (key, f"inside the gallery its label is its folder ({file_label}), not {label!r}")
+                    )
+                    continue
+                staged[key] = GalleryFile(gallery / key, key, file_label)
+                continue
+            key = (Path(label) / relative if label else relative).as_posix()
+            destination = gallery / key
+            if destination.exists():
+                if file_sha256(destination) != file_sha256(source):
+                    failed.append((shown(source), f"{shown(destination)} exists and is a different file"))
+                    continue
+            else:
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, destination)
+                copied[key] = destination
+            staged[key] = GalleryFile(destination, key, key.split("/")[0] if "/" in key else None)
+    return list(staged.values()), copied
