@@ -339,14 +339,23 @@ def build_index(
                 f"the gallery moved from {store.meta['gallery_root']} to {Path(gallery).resolve()}: "
                 "entries are matched by relative path and content hash, so nothing unchanged is embedded"
             )
-        if salvage is not None and salvage.entries:  # every file embedded again, under its old id
+        if salvage:  # every file embedded again, under the id it had
             store, fresh = salvage, True
             report.full_rebuild_reason += (
                 f"; the ids of {len(salvage.entries)} files read from its manifest are kept"
             )
         if drawings is None:  # a rerun keeps what the user said of the gallery
             drawings = list(store.meta.get("drawings", [])) if store is not None else []
-        files, keep = _scan(gallery, report, drawings)
+        # What happens to the indexed images of a folder that cannot be listed: a full rebuild has
+        # no vectors for them that it could keep (or, for another model, use).
+        fate = (
+            ""
+            if store is None
+            else ": a full rebuild drops its indexed images"
+            if fresh
+            else ": its indexed images are kept"
+        )
+        files, keep = _scan(gallery, report, drawings, fate)
         if isinstance(target, FaissTarget) and target.index_type:  # enough images to train it on?
             check_factory(target.index_type, embedder.config.embedding_dim, len(files))
         return _update(
@@ -365,7 +374,9 @@ def build_index(
         )
 
 
-def _scan(gallery: Path, report: BuildReport, drawings: list[str]) -> tuple[list[GalleryFile], list[str]]:
+def _scan(
+    gallery: Path, report: BuildReport, drawings: list[str], fate: str
+) -> tuple[list[GalleryFile], list[str]]:
     """The gallery files a build indexes, and the folders it could not list (their entries stay).
 
     A file whose name is not UTF-8 cannot be written to the manifest; it and an unlisted folder
@@ -375,7 +386,7 @@ def _scan(gallery: Path, report: BuildReport, drawings: list[str]) -> tuple[list
     scan = walk_gallery(gallery)
     for folder, reason in scan.unlisted:
         where = shown(folder or gallery)
-        report.failed.append((where, f"folder cannot be listed ({reason}): its indexed images are kept"))
+        report.failed.append((where, f"folder cannot be listed ({reason}){fate}"))
     files = []
     for item in scan.files:
         if is_utf8(item.relative):
@@ -587,7 +598,7 @@ def _update(
     drop = set(drop)
     if drop_missing:
         drop |= {
-            e.id for path, e in old_by_path.items() if path not in seen and not _under(path, keep)
+            e.id for path, e in old_by_path.items() if path not in seen and (fresh or not _under(path, keep))
         } - moved
         copies = repeated_contents(contents)
         if copies:  # indexed all the same: each is a path someone may look for
@@ -596,6 +607,9 @@ def _update(
                 "a query answers with each content once and names its copies"
             )
 
+    # A moved file keeps its entry's vector: only the manifest changes (FAISS is not touched).
+    relabelled = [task.entry() for task in to_embed if task.entry_id in moved]
+    to_embed = [task for task in to_embed if task.entry_id not in moved]
     new_entries, vectors, probabilities = _reuse(
         store, [task for task in to_embed if task.key in indexed], indexed, report
     )
@@ -643,6 +657,7 @@ def _update(
     store.meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     store.meta["next_id"] = next_id
     store.remove(drop)
+    store.relabel(relabelled)
     if new_entries:
         store.add(new_entries, np.concatenate(vectors), np.concatenate(probabilities))
     target.commit(store, report)
@@ -675,9 +690,7 @@ def _reuse(
     if not tasks:
         return [], [], []
     vectors, probabilities = store.stored([indexed[task.key] for task in tasks])
-    report.notes.append(
-        f"{len(tasks)} files not embedded: their content is indexed already (moved, renamed or copied)"
-    )
+    report.notes.append(f"{len(tasks)} files not embedded: their content is indexed already (copies)")
     return (
         [task.entry() for task in tasks],
         [np.asarray(vectors, np.float32)],

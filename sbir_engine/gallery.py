@@ -93,15 +93,21 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_drawing_patterns(patterns: Iterable[str]) -> list[str]:
-    """``--drawings`` patterns, checked: relative to the gallery root, inside it, not empty."""
+def check_drawing_patterns(patterns: Iterable[str] | str) -> list[str]:
+    """``--drawings`` patterns, checked: relative to the gallery root, inside it, not empty.
+
+    A single string is one pattern (not its characters); ``./`` and trailing slashes are dropped.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
     checked = []
     for pattern in patterns:
-        stripped = pattern.strip("/")
-        if not stripped or pattern.startswith("/") or ".." in stripped.split("/") or stripped == ".":
+        stripped = pattern.removeprefix("./").strip("/")
+        parts = stripped.split("/")
+        if not stripped or pattern.startswith(("/", "!")) or ".." in parts or "." in parts or "" in parts:
             raise ValueError(
                 f"--drawings {pattern!r} is not a pattern over the gallery's relative paths "
-                "(e.g. 'sketches', '*/drawings' or '*.sketch.png')"
+                "(e.g. 'sketches', '*/drawings' or '*.sketch.png'; no leading '/' or '!')"
             )
         checked.append(stripped)
     return checked
@@ -111,11 +117,15 @@ def is_drawing(relative: str, patterns: Iterable[str]) -> bool:
     """Whether a gallery file (its manifest path) is a drawing, as ``.gitignore`` matches names:
     a pattern without "/" matches the file's name or any folder it is in (``sketches``,
     ``*.sketch.png``); one with "/" matches the path from the gallery root or a folder on it
-    (``cat/drawings``, ``*/drawings``, where ``*`` may also cross folders)."""
+    (``cat/drawings``, ``*/drawings``, where ``*`` may also cross folders), and one that starts
+    with ``**/`` matches at any depth. Case counts, as it does in file names on Linux."""
     parts = relative.split("/")
     for pattern in patterns:
+        anywhere = pattern.startswith("**/")
+        pattern = pattern.removeprefix("**/") if anywhere else pattern
+        starts = range(len(parts)) if anywhere else [0]
         if "/" in pattern:
-            names = ("/".join(parts[: depth + 1]) for depth in range(len(parts)))
+            names = ("/".join(parts[i : j + 1]) for i in starts for j in range(i, len(parts)))
         else:
             names = iter(parts)
         if any(fnmatchcase(name, pattern) for name in names):

@@ -60,6 +60,24 @@ class ForeignIndexError(IndexFormatError):
     collection of someone else's): unlike a damaged index of ours, build-index does not replace it."""
 
 
+# What every reader of an index's metadata takes from it: key → type (model: its own keys).
+_META_FIELDS = {"dim": int, "gallery_root": str, "model": dict}
+_MODEL_FIELDS = {"fingerprint": str, "run_dir": str}
+
+
+def check_meta(meta: object, where: str) -> None:
+    """An index's metadata, checked before anything reads it: a damaged one is an
+    :class:`IndexFormatError` (one line; ``build-index`` rebuilds), not a KeyError deep inside."""
+    if not isinstance(meta, dict):
+        raise IndexFormatError(f"{where}: its metadata is not a JSON object (found {type(meta).__name__})")
+    check_format_version(meta, where)
+    for fields, found, prefix in ((_META_FIELDS, meta, ""), (_MODEL_FIELDS, meta.get("model"), "model.")):
+        for key, kind in fields.items():
+            value = found.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise IndexFormatError(f"{where}: its metadata has no valid {prefix}{key} (found {value!r})")
+
+
 def check_format_version(meta: dict, where: str) -> None:
     found = meta.get("format_version")
     if not isinstance(found, int):
@@ -113,6 +131,9 @@ class VectorStore(Protocol):
 
     def stored(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """The vectors and class probabilities stored for entries, in the order of ``ids``."""
+
+    def relabel(self, entries: list[Entry]) -> None:
+        """New paths and labels for existing entries by id (moved files), their vectors kept."""
 
 
 def label_counts(entries: Iterable[Entry]) -> Counter[str]:
@@ -267,6 +288,11 @@ class GalleryIndex:
         if not self.stale:
             self.index.add_with_ids(vectors, new_ids)
 
+    def relabel(self, entries: list[Entry]) -> None:
+        """New paths and labels for entries by id (moved files); vectors and the FAISS index stay."""
+        self.entries.update((entry.id, entry) for entry in entries)
+        self._label_ids.clear()
+
     def stored(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """The vectors and class probabilities stored for entries, in the order of ``ids``."""
         rows = [self.rows[int(i)] for i in ids]
@@ -343,7 +369,7 @@ class GalleryIndex:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise IndexFormatError(f"{meta_path}: cannot be read ({err})") from err
-        check_format_version(meta, str(index_dir))
+        check_meta(meta, str(index_dir))
         try:
             index = faiss.read_index(str(version / "index.faiss"))
             vectors = np.load(version / "vectors.npy", allow_pickle=False, mmap_mode="r")
@@ -479,7 +505,7 @@ class Salvage:
                 entry = Entry(**json.loads(line))
             except (ValueError, TypeError):
                 continue  # a damaged line: that file is indexed anew
-            if isinstance(entry.id, int) and entry.id not in entries and entry.path not in paths:
+            if _is_id(entry.id) and _is_entry(entry) and entry.id not in entries and entry.path not in paths:
                 entries[entry.id] = entry
                 paths.add(entry.path)
         try:
@@ -487,14 +513,42 @@ class Salvage:
         except ValueError:
             meta = None
         meta = meta if isinstance(meta, dict) else {}
-        # Only what a rebuild takes over, and only if it is what a build writes.
-        kept = {}
-        if isinstance(meta.get("next_id"), int):
-            kept["next_id"] = meta["next_id"]
+        # Only what a rebuild takes over, and only if it is what a build writes. The next id is
+        # also at least one past every id still on record: a damaged index.json and a damaged last
+        # manifest line must not let a new file take a deleted file's id.
+        recorded = [meta.get("next_id"), *(entry.id + 1 for entry in entries.values()), _next_of_ids(version)]
+        kept: dict = {"next_id": max((n for n in recorded if _is_id(n)), default=0)}
         drawings = meta.get("drawings")
         if isinstance(drawings, list) and all(isinstance(pattern, str) for pattern in drawings):
             kept["drawings"] = drawings
         return cls(entries, kept)
+
+    def __bool__(self) -> bool:
+        """Whether anything was read: entries, or metadata that a rebuild keeps."""
+        return bool(self.entries) or self.meta.get("next_id", 0) > 0 or "drawings" in self.meta
+
+
+def _is_id(value: object) -> bool:
+    """An id a build can have written: FAISS ids are int64, and -1 means "no result"."""
+    return type(value) is int and 0 <= value < 2**63
+
+
+def _is_entry(entry: Entry) -> bool:
+    return (
+        isinstance(entry.path, str)
+        and (entry.label is None or isinstance(entry.label, str))
+        and isinstance(entry.sha256, str)
+        and type(entry.size) is int
+    )
+
+
+def _next_of_ids(version: Path) -> int | None:
+    """One past the largest id in the version's id list, if it can be read."""
+    try:
+        ids = np.load(version / "ids.npy", allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    return int(ids.max()) + 1 if ids.dtype == np.int64 and ids.ndim == 1 and len(ids) else None
 
 
 def _lines(path: Path) -> list[str]:

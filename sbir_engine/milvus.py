@@ -32,7 +32,7 @@ from .index import (
     ForeignIndexError,
     GalleryIndex,
     IndexFormatError,
-    check_format_version,
+    check_meta,
     query_matrix,
 )
 
@@ -115,7 +115,7 @@ class MilvusStore:
             meta = json.loads(properties[META_PROPERTY])
         except ValueError as err:
             raise IndexFormatError(f"{uri}: collection {collection!r} has damaged metadata ({err})") from err
-        check_format_version(meta, f"{uri}: collection {collection!r}")
+        check_meta(meta, f"{uri}: collection {collection!r}")
         client.load_collection(collection)
         return cls(client, uri, collection, meta)
 
@@ -267,6 +267,11 @@ class MilvusStore:
             self._remember(fetched)
             found.update((entry.id, (entry, probs)) for entry, probs in fetched)
         return found
+
+    def relabel(self, entries: list[Entry]) -> None:
+        """New paths and labels for entries (moved files): rows are upserted with their own vectors."""
+        if entries:
+            self.add(entries, *self.stored([entry.id for entry in entries]))
 
     def stored(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """The vectors and class probabilities stored for entries, in the order of ``ids``."""

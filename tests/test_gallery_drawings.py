@@ -87,8 +87,13 @@ def test_patterns_name_files_and_folders_as_gitignore_does():
     )
     assert not is_drawing("cat/photo_drawings.png", ["drawings"])  # whole names, not parts of them
     assert is_drawing("cat/a.png", ["*"]) and not is_drawing("cat/a.png", [])
-    assert check_drawing_patterns(["sketches/", "*/drawings"]) == ["sketches", "*/drawings"]
-    for bad in ("", "/", "/abs/drawings", "../elsewhere", "."):
+    assert is_drawing("drawings/a.png", ["**/drawings"]) and is_drawing(
+        "x/cat/drawings/a.png", ["**/cat/drawings"]
+    )
+    assert not is_drawing("x/cat/drawings/a.png", ["cat/drawings"]) and not is_drawing("cat/A.PNG", ["*.png"])
+    assert check_drawing_patterns(["sketches/", "./*/drawings"]) == ["sketches", "*/drawings"]
+    assert check_drawing_patterns("drawings") == ["drawings"]  # one pattern, not its letters
+    for bad in ("", "/", "/abs/drawings", "../elsewhere", ".", "!drawings", "cat//drawings"):
         with pytest.raises(ValueError, match="not a pattern over the gallery's relative paths"):
             check_drawing_patterns([bad])
 

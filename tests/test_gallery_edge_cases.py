@@ -21,7 +21,7 @@ from sbir_engine.build import add_files, build_index, remove_files
 from sbir_engine.cli import app
 from sbir_engine.embed import Embedder
 from sbir_engine.gallery import NOT_UTF8
-from sbir_engine.index import CURRENT, GalleryIndex, NotAnIndexFolderError, current_version
+from sbir_engine.index import CURRENT, GalleryIndex, IndexFormatError, NotAnIndexFolderError, current_version
 from sbir_engine.index_factory import IndexTypeError, estimate_memory
 from sbir_engine.model import load_model
 
@@ -142,6 +142,15 @@ def test_a_folder_that_cannot_be_listed_keeps_its_entries(
         (where or str(gallery), "folder cannot be listed (Permission denied): its indexed images are kept")
     ]
     assert report.removed == 0 and indexed(index_dir) == before
+    # A full rebuild has no vectors it could keep for them: it says it drops them, and counts them.
+    full = build_index(small_run, gallery, index_dir, embedder=embedder, full=True)
+    assert full.failed == [
+        (
+            where or str(gallery),
+            "folder cannot be listed (Permission denied): a full rebuild drops its indexed images",
+        )
+    ]
+    assert full.removed == len(before) - len(indexed(index_dir)) > 0
 
 
 def test_symlinks_in_the_gallery_are_added_and_removed_as_themselves(photos, small_run, embedder, tmp_path):
@@ -333,3 +342,92 @@ def test_a_damaged_index_is_rebuilt_keeping_the_ids_its_manifest_still_holds(
     # The file whose manifest line was damaged, and the new one, get ids never given before.
     assert min(rebuilt[lost], rebuilt["cup/new.jpg"]) >= next_id and rebuilt[lost] != rebuilt["cup/new.jpg"]
     assert GalleryIndex.load(index_dir).meta["drawings"] == ["nothing-yet"]  # as the index was built
+
+
+def damage_and_rebuild(small_run, gallery, index_dir, embedder, manifest=None, meta=None, ids=None):
+    """Write the given bytes over the current version's files (its vectors always), then rebuild."""
+    version = current_version(index_dir)
+    (version / "vectors.npy").write_bytes(b"\x93NUMPY damaged")
+    for name, data in (("manifest.jsonl", manifest), ("index.json", meta), ("ids.npy", ids)):
+        if data is not None:
+            (version / name).write_bytes(data)
+    return build_index(small_run, gallery, index_dir, embedder=embedder)
+
+
+def test_a_damaged_index_gives_no_id_twice_whatever_of_it_survives(photos, small_run, embedder, tmp_path):
+    gallery = make_gallery(tmp_path / "gallery", photos, per_label=2)
+    index_dir = tmp_path / "index"
+    build_index(small_run, gallery, index_dir, embedder=embedder, drawings=["fish"])
+    remove_files(index_dir, [gallery / "fish"], delete_files=True)  # the last ids: never given again
+    version = current_version(index_dir)
+    given = json.loads((version / "index.json").read_text())["next_id"]
+    lines = (version / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
+    saved = tmp_path / "saved"
+    shutil.copytree(index_dir, saved)
+    (gallery / "fish").mkdir(exist_ok=True)
+    shutil.copyfile(photos["fish"][6], gallery / "fish" / "new.jpg")
+
+    def rebuilt(**damage) -> dict[str, int]:
+        shutil.rmtree(index_dir)
+        shutil.copytree(saved, index_dir)
+        report = damage_and_rebuild(small_run, gallery, index_dir, embedder, **damage)
+        assert "the previous index cannot be used" in report.full_rebuild_reason
+        index = GalleryIndex.load(index_dir)
+        assert index.meta["drawings"] == (["fish"] if damage.get("meta") is None else [])
+        return {entry.path: entry.id for entry in index.entries.values()}
+
+    # Only the metadata survives (the manifest is garbage): the next id and the patterns do.
+    assert rebuilt(manifest=b"\x00\xff garbage")["fish/new.jpg"] >= given
+    # Lines of the wrong types are left out, not fatal: a list for a path, -1 (FAISS's "none"), True.
+    odd = [{**json.loads(lines[0]), "path": ["cat", "x.jpg"]}, {**json.loads(lines[1]), "id": -1}]
+    odd.append({**json.loads(lines[2]), "id": True})
+    manifest = "\n".join([*map(json.dumps, odd), *lines[3:]]).encode()
+    ids = rebuilt(manifest=manifest)
+    assert len(set(ids.values())) == len(ids) and min(ids.values()) >= 0 and ids["fish/new.jpg"] >= given
+    # index.json and the last manifest line lost: the id list still holds every id then in use, so
+    # the lost line's file and the new one get ids above them (the removed files' ids are not known).
+    in_use = [json.loads(line)["id"] for line in lines]
+    ids = rebuilt(manifest="\n".join(lines[:-1]).encode(), meta=b"{")
+    lost = json.loads(lines[-1])["path"]
+    assert min(ids[lost], ids["fish/new.jpg"]) > max(in_use) and len(set(ids.values())) == len(ids)
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [b"[]", b'{"format_version": 1, "gallery_root": "/x", "model": {"fingerprint": "f", "run_dir": "r"}}'],
+)
+def test_index_metadata_of_the_wrong_shape_is_damage_not_a_crash(meta, photos, small_run, embedder, tmp_path):
+    gallery = make_gallery(tmp_path / "gallery", photos)
+    index_dir = tmp_path / "index"
+    build_index(small_run, gallery, index_dir, embedder=embedder)
+    (current_version(index_dir) / "index.json").write_bytes(meta)
+    with pytest.raises(IndexFormatError, match="its metadata"):
+        GalleryIndex.load(index_dir)
+    report = build_index(small_run, gallery, index_dir, embedder=embedder)
+    assert "the previous index cannot be used" in report.full_rebuild_reason
+    assert indexed(index_dir) == {f"{label}/{path.name}" for label in LABELS for path in photos[label][:2]}
+
+
+def test_a_move_on_an_hnsw_index_leaves_the_graph_alone(photos, small_run, embedder, tmp_path, monkeypatch):
+    gallery = make_gallery(tmp_path / "gallery", photos, per_label=4)
+    index_dir = tmp_path / "index"
+    build_index(small_run, gallery, index_dir, index_type="HNSW8,Flat", embedder=embedder)
+    before = GalleryIndex.load(index_dir)
+    old = {entry.path: entry.id for entry in before.entries.values()}
+    refreshes = []
+    real_refresh = GalleryIndex.refresh
+    monkeypatch.setattr(
+        GalleryIndex,
+        "refresh",
+        lambda self, *a, **k: refreshes.append(real_refresh(self, *a, **k)) or refreshes[-1],
+    )
+    moved = sorted(p for p in old if p.startswith("cat/"))[0]
+    (gallery / moved).rename(gallery / "cup" / "was_a_cat.jpg")
+    report = build_index(small_run, gallery, index_dir, index_type="HNSW8,Flat", embedder=embedder)
+    assert (report.moved, report.embedded, report.factory) == (1, 0, "HNSW8,Flat"), report.summary()
+    assert not any("rebuilt" in how for how in refreshes), refreshes
+    after = GalleryIndex.load(index_dir)
+    entry = after.entries[old[moved]]
+    assert (entry.path, entry.label) == ("cup/was_a_cat.jpg", "cup")
+    _, found = after.search(before.vectors[before.rows[old[moved]]][None], 1, labels=["cup"])
+    assert found[0][0] == old[moved]  # the label filter follows the move
