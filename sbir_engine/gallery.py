@@ -1,4 +1,5 @@
-"""The gallery folder → its image files: names, labels, content hashes, and which are drawings.
+"""The gallery folder → its image files: names, labels, content hashes, which are drawings, and
+where ``index add`` puts files it brings in from outside.
 
 A gallery holds photos and, where the user says so, drawings. A drawing is embedded as a query
 sketch is (the sketch normaliser: crop to the ink, re-stroke at the bitmaps' line width), so that a
