@@ -9,6 +9,10 @@ black on white), for measuring how ``build-index`` embeds drawings in a user's g
     sbir-engine build-index --model runs/default --gallery /tmp/drawings --out /tmp/as-drawings --drawings '*'
     sbir-engine evaluate --index /tmp/as-photos --queries data/sketch/test      # and /tmp/as-drawings
 
+The mixed gallery of the README (photos and drawings): a copy of ``data/photo/test`` with each class's
+drawings in ``<class>/drawings/`` (``--out /tmp/d``, then ``cp /tmp/d/<class>/*.png
+<gallery>/<class>/drawings/``), built with ``--no-drawings`` and with ``--drawings drawings``.
+
 Line i of ``<class>.ndjson`` is bitmap i of the QuickDraw package, so ``<class>_<i>`` is also the
 name of its bitmap in the prepared dataset. ``--unseen RUN`` keeps only the drawings whose bitmaps
 that run did not train on (its validation and test splits; the test split alone for a refit head).
