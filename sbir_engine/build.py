@@ -549,14 +549,14 @@ def _update(
     next_id = max(next_id, max(old_by_path.values(), key=lambda e: e.id).id + 1 if old_by_path else 0)
     to_embed: list[_Task] = []
     indexed: dict[tuple[str, bool], int] = {}  # (sha256, drawing) → an entry holding its vector
-    gone: dict[tuple[str, bool], list[int]] = defaultdict(list)  # the same, of files no longer there
+    elsewhere: dict[tuple[str, bool], list[Entry]] = defaultdict(list)  # the same, at paths not given
     if not fresh:  # another model's vectors are of no use
         present = {item.relative for item in files}
         for entry in old_by_path.values():
             key = (entry.sha256, is_drawing(entry.path, before))
             indexed[key] = entry.id
-            if drop_missing and entry.path not in present and not _under(entry.path, keep):
-                gone[key].append(entry.id)
+            if entry.path not in present and not _under(entry.path, keep):
+                elsewhere[key].append(entry)
     moved: set[int] = set()  # ids whose file moved: kept by the file at its new path
     seen = set()
     contents: list[str] = []  # the sha256 of every file: copies are reported
@@ -583,9 +583,9 @@ def _update(
         if old is not None:
             report.updated += 1  # re-embedded under its id
             entry_id = old.id
-        elif gone[(digest, drawing)]:  # the content of a file gone: moved or renamed here
-            report.moved += 1
-            entry_id = gone[(digest, drawing)].pop()
+        elif (source := _moved_from(elsewhere[(digest, drawing)], gallery, drop_missing)) is not None:
+            report.moved += 1  # the content of a file that is gone: moved or renamed here
+            entry_id = source.id
             moved.add(entry_id)
         else:
             report.added += 1
@@ -696,6 +696,15 @@ def _reuse(
         [np.asarray(vectors, np.float32)],
         [np.asarray(probabilities, np.float32)],
     )
+
+
+def _moved_from(candidates: list[Entry], gallery: Path, rescan: bool) -> Entry | None:
+    """Of the entries with a new file's content at other paths, one whose file is gone (taken off
+    the list): for a rescan, any that it did not find; for ``index add``, one no longer on disk."""
+    for position, entry in enumerate(candidates):
+        if rescan or not os.path.lexists(Path(gallery) / entry.path):
+            return candidates.pop(position)
+    return None
 
 
 def _under(path: str, folders: Iterable[str]) -> bool:

@@ -148,6 +148,21 @@ def test_moved_renamed_and_copied_files_are_not_embedded_again(workspace, embedd
     assert cat[0] not in entries and fish[0] not in entries
 
 
+def test_index_add_of_a_file_moved_by_hand_moves_its_entry(workspace, embedder):
+    gallery, index = workspace
+    before = {entry.path: entry.id for entry in GalleryIndex.load(index).entries.values()}
+    old = sorted(p for p in before if p.startswith("cat/"))[0]
+    (gallery / old).rename(gallery / "fish" / "was_a_cat.jpg")
+    report = add_files(index, [gallery / "fish" / "was_a_cat.jpg"], embedder=embedder)
+    assert (report.moved, report.added, report.embedded, report.removed) == (1, 0, 0, 0), report.summary()
+    after = {entry.path: entry.id for entry in GalleryIndex.load(index).entries.values()}
+    assert after == {**{p: i for p, i in before.items() if p != old}, "fish/was_a_cat.jpg": before[old]}
+    # A copy (the original still there) is not a move: a new id, the stored vector.
+    shutil.copyfile(gallery / "fish" / "was_a_cat.jpg", gallery / "cup" / "copy.jpg")
+    copy = add_files(index, [gallery / "cup" / "copy.jpg"], embedder=embedder)
+    assert (copy.moved, copy.added, copy.embedded) == (0, 1, 0), copy.summary()
+
+
 def test_remove_with_delete_files_and_failures(workspace, embedder, small_run, tmp_path):
     gallery, index = workspace
     before = GalleryIndex.load(index)
