@@ -35,13 +35,13 @@ from .gallery import (
     NOT_UTF8,
     GalleryFile,
     check_drawing_patterns,
+    drawing_matches,
     file_sha256,
     gallery_relative,
     is_drawing,
     is_utf8,
     shown,
     stage_files,
-    unmatched_patterns,
     walk_gallery,
 )
 from .index import (
@@ -345,7 +345,7 @@ def build_index(
                 f"; the ids of {len(salvage.entries)} files read from its manifest are kept"
             )
         if drawings is None:  # a rerun keeps what the user said of the gallery
-            drawings = list(store.meta.get("drawings", [])) if store is not None else []
+            drawings = _recorded_drawings(store)
         # What happens to the indexed images of a folder that cannot be listed: a full rebuild has
         # no vectors for them that it could keep (or, for another model, use).
         fate = (
@@ -393,13 +393,18 @@ def _scan(
             files.append(item)
         else:
             report.failed.append((shown(item.relative), NOT_UTF8))
+    named, unmatched = drawing_matches(files, drawings)
     if drawings:
-        named = sum(is_drawing(item.relative, drawings) for item in files)
         patterns = " ".join(f"--drawings {pattern!r}" for pattern in drawings)
         report.notes.append(f"{named} of {len(files)} files are drawings ({patterns}), embedded as sketches")
-    for pattern in unmatched_patterns(files, drawings):
+    for pattern in unmatched:
         report.notes.append(f"--drawings {pattern!r} matches no file in the gallery")
     return files, [folder for folder, _ in scan.unlisted]
+
+
+def _recorded_drawings(store) -> list[str]:
+    """The ``--drawings`` patterns the store was built with ([] for none, or no store)."""
+    return list(store.meta.get("drawings", [])) if store is not None else []
 
 
 def _check_index_type(target, model_dir: Path | None, embedder: Embedder | None) -> None:
@@ -542,7 +547,7 @@ def _update(
     Content already indexed as the same kind (same sha256) is not embedded again: its vector is
     reused, and a file moved or renamed within the gallery keeps its entry's id.
     """
-    before = list(store.meta.get("drawings", [])) if store is not None else []
+    before = _recorded_drawings(store)
     drawings = before if drawings is None else drawings
     old_by_path = {e.path: e for e in store.entries.values()} if store is not None else {}
     next_id = int(store.meta.get("next_id", 0)) if store is not None else 0

@@ -134,14 +134,16 @@ def is_drawing(relative: str, patterns: Iterable[str]) -> bool:
     return False
 
 
-def unmatched_patterns(files: Iterable[GalleryFile], patterns: Iterable[str]) -> list[str]:
-    """The patterns that name none of ``files``."""
-    left = list(patterns)
+def drawing_matches(files: Iterable[GalleryFile], patterns: list[str]) -> tuple[int, list[str]]:
+    """How many of ``files`` the patterns name drawings, and the patterns that name none of them."""
+    if not patterns:  # most galleries: nothing to match
+        return 0, []
+    named, matched = 0, set()
     for item in files:
-        left = [pattern for pattern in left if not is_drawing(item.relative, [pattern])]
-        if not left:
-            break
-    return left
+        hits = {pattern for pattern in patterns if is_drawing(item.relative, [pattern])}
+        named += bool(hits)
+        matched |= hits
+    return named, [pattern for pattern in patterns if pattern not in matched]
 
 
 def gallery_relative(path: Path, gallery: Path) -> str | None:
