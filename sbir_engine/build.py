@@ -555,13 +555,13 @@ def _update(
     to_embed: list[_Task] = []
     indexed: dict[tuple[str, bool], int] = {}  # (sha256, drawing) → an entry holding its vector
     elsewhere: dict[tuple[str, bool], list[Entry]] = defaultdict(list)  # the same, at paths not given
-    if not fresh:  # another model's vectors are of no use
-        present = {item.relative for item in files}
-        for entry in old_by_path.values():
-            key = (entry.sha256, is_drawing(entry.path, before))
+    present = {item.relative for item in files}
+    for entry in old_by_path.values():
+        key = (entry.sha256, is_drawing(entry.path, before))
+        if not fresh:  # another model's vectors are of no use, but a moved file still keeps its id
             indexed[key] = entry.id
-            if entry.path not in present and not _under(entry.path, keep):
-                elsewhere[key].append(entry)
+        if entry.path not in present and not _under(entry.path, keep):
+            elsewhere[key].append(entry)
     moved: set[int] = set()  # ids whose file moved: kept by the file at its new path
     seen = set()
     contents: list[str] = []  # the sha256 of every file: copies are reported
@@ -613,31 +613,24 @@ def _update(
             )
 
     # A moved file keeps its entry's vector: only the manifest changes (FAISS is not touched).
-    relabelled = [task.entry() for task in to_embed if task.entry_id in moved]
-    to_embed = [task for task in to_embed if task.entry_id not in moved]
+    relabelled = [] if fresh else [task.entry() for task in to_embed if task.entry_id in moved]
+    to_embed = [task for task in to_embed if fresh or task.entry_id not in moved]
     new_entries, vectors, probabilities = _reuse(
         store, [task for task in to_embed if task.key in indexed], indexed, report
     )
     to_embed = [task for task in to_embed if task.key not in indexed]
     if to_embed and embedder is None:
         raise ValueError("files to embed but no model")
-    embedded = None
     if to_embed:
-        paths = [task.item.path for task in to_embed]
-        sketches = {task.item.path for task in to_embed if task.drawing}
-        embedded = embed_images(embedder, paths, batch_size, "Embedding gallery", sketches=sketches)
-    if embedded is not None:
-        report.embedded = len(embedded.paths)
-        by_path = {task.item.path: task for task in to_embed}
-        for path, reason in embedded.failures:
-            item, entry_id = by_path[path].item, by_path[path].entry_id
-            report.failed.append((item.relative, reason))
-            if item.relative in old_by_path:  # updated into something unreadable: drop the stale entry
+        embedded = _embed_once(embedder, to_embed, batch_size, report)
+        for task, reason in embedded.failures:
+            report.failed.append((task.item.relative, reason))
+            if task.item.relative in old_by_path:  # updated into something unreadable: drop the stale entry
                 report.updated -= 1
-                drop.add(entry_id)
+                drop.add(task.entry_id)
             else:
                 report.added -= 1
-        new_entries.extend(by_path[path].entry() for path in embedded.paths)
+        new_entries.extend(task.entry() for task in embedded.tasks)
         vectors.append(embedded.vectors)
         probabilities.append(embedded.probabilities)
     report.removed = len(drop & {e.id for e in old_by_path.values()})
@@ -700,6 +693,40 @@ def _reuse(
         [task.entry() for task in tasks],
         [np.asarray(vectors, np.float32)],
         [np.asarray(probabilities, np.float32)],
+    )
+
+
+class _Embedded(NamedTuple):
+    tasks: list[_Task]  # row i of vectors and probabilities is tasks[i]'s
+    vectors: np.ndarray
+    probabilities: np.ndarray
+    failures: list[tuple[_Task, str]]
+
+
+def _embed_once(embedder: Embedder, tasks: list[_Task], batch_size: int, report: BuildReport) -> _Embedded:
+    """Embed the tasks' files, each content (and kind) once: new copies of one file share its vector,
+    and its failure."""
+    first: dict[tuple[str, bool], _Task] = {}
+    for task in tasks:
+        first.setdefault(task.key, task)
+    unique = list(first.values())
+    sketches = {task.item.path for task in unique if task.drawing}
+    paths = [task.item.path for task in unique]
+    embedded = embed_images(embedder, paths, batch_size, "Embedding gallery", sketches=sketches)
+    report.embedded = len(embedded.paths)
+    row = {path: i for i, path in enumerate(embedded.paths)}
+    failed = dict(embedded.failures)
+    done = [task for task in tasks if first[task.key].item.path in row]
+    if len(done) > len(row):
+        report.notes.append(
+            f"{len(done) - len(row)} files not embedded: they repeat another new file's content (copies)"
+        )
+    rows = [row[first[task.key].item.path] for task in done]
+    return _Embedded(
+        done,
+        embedded.vectors[rows],
+        embedded.probabilities[rows],
+        [(task, failed[first[task.key].item.path]) for task in tasks if first[task.key].item.path in failed],
     )
 
 

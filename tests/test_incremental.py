@@ -148,6 +148,35 @@ def test_moved_renamed_and_copied_files_are_not_embedded_again(workspace, embedd
     assert cat[0] not in entries and fish[0] not in entries
 
 
+def test_new_copies_are_embedded_once_and_a_full_rebuild_keeps_moved_ids(
+    workspace, incoming, embedder, small_run, tmp_path
+):
+    """Copies among the new files (the same photo saved twice, a broken file twice) are embedded, or
+    found unreadable, once for all; and a full rebuild, which embeds everything again, still gives
+    a moved file the id it had. Before, each copy was embedded and the moved file got a new id."""
+    gallery, index = workspace
+    photo = next((incoming / "cat").iterdir())
+    for name in ("one.jpg", "two.jpg"):
+        shutil.copyfile(photo, gallery / "cat" / name)
+        (gallery / "fish" / name).write_bytes(b"not an image")
+    report = build_index(small_run, gallery, index, embedder=embedder)
+    assert (report.embedded, report.added) == (1, 2), report.summary()
+    assert sorted(path for path, _ in report.failed) == ["fish/one.jpg", "fish/two.jpg"]
+    assert "1 files not embedded: they repeat another new file's content" in "\n".join(report.notes)
+    after = GalleryIndex.load(index)
+    ids = {entry.path: entry.id for entry in after.entries.values()}
+    one, two = (after.vectors[after.rows[ids[f"cat/{name}"]]] for name in ("one.jpg", "two.jpg"))
+    assert ids["cat/one.jpg"] != ids["cat/two.jpg"] and np.array_equal(one, two)
+    assert float(one @ own_vector(embedder, photo)) > 0.999
+
+    old = sorted(p for p in ids if p.startswith("cup/"))[0]
+    (gallery / old).rename(gallery / "cat" / "was_a_cup.jpg")
+    full = build_index(small_run, gallery, index, embedder=embedder, full=True)
+    assert full.moved == 1 and full.removed == 0, full.summary()
+    rebuilt = {entry.path: entry.id for entry in GalleryIndex.load(index).entries.values()}
+    assert rebuilt == {**{p: i for p, i in ids.items() if p != old}, "cat/was_a_cup.jpg": ids[old]}
+
+
 def test_index_add_of_a_file_moved_by_hand_moves_its_entry(workspace, embedder):
     gallery, index = workspace
     before = {entry.path: entry.id for entry in GalleryIndex.load(index).entries.values()}
