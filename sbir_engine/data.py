@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import gzip
+import itertools
 import json
 import random
 import shutil
@@ -129,8 +130,37 @@ def split_indices(n: int, fractions: tuple[float, float, float], key: str) -> di
     }
 
 
+# Folders that archivers and file managers leave beside one's images (a macOS zip's __MACOSX,
+# .ipynb_checkpoints, a NAS's @eaDir thumbnails): copies or junk, never a class or a drawing.
+_NOT_DATA = ("__MACOSX", "@eaDir")
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name in _NOT_DATA
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    folder = Path(folder)
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(_is_hidden(part) for part in p.relative_to(folder).parts)
+    )
+
+
 def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """The image files under ``folder``, at any depth, in a stable order; hidden files and folders
+    (``.DS_Store``, a macOS zip's ``__MACOSX/._x.png``) are not images of the collection."""
+    return [p for p in _visible_files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS]
+
+
+def other_files(folder: Path) -> list[Path]:
+    """The files under ``folder`` that are neither images this reads nor hidden: what a user would
+    miss if they were passed over without a word (an SVG export, a PDF scan)."""
+    return [p for p in _visible_files(folder) if p.suffix.lower() not in IMAGE_EXTENSIONS]
+
+
+NOT_AN_IMAGE = f"not an image file this reads ({', '.join(IMAGE_EXTENSIONS)})"
 
 
 def sketch_folder_classes(folder: Path) -> tuple[str, ...]:
@@ -138,7 +168,9 @@ def sketch_folder_classes(folder: Path) -> tuple[str, ...]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"sketch folder {folder} does not exist")
-    classes = tuple(sorted(d.name for d in folder.iterdir() if d.is_dir() and list_images(d)))
+    classes = tuple(
+        sorted(d.name for d in folder.iterdir() if d.is_dir() and not _is_hidden(d.name) and list_images(d))
+    )
     if not classes:
         raise DataError(f"{folder} holds no <class>/<image> folders of drawings")
     return classes
@@ -159,6 +191,7 @@ def own_sketches(folder: Path, label: str, config: EngineConfig) -> tuple[list[t
             drawings.append((f"{label}_{n:04d}_{path.stem}", normalize_sketch(path, config.sketch_raster)))
         except ImageError as err:
             skipped.append(str(err))
+    skipped += [f"{path}: {NOT_AN_IMAGE}" for path in other_files(Path(folder) / label)]
     return drawings, skipped
 
 
@@ -187,6 +220,50 @@ def class_drawings(
     return drawings, skipped
 
 
+def class_photos(photos: Path, label: str, config: EngineConfig) -> list[Path]:
+    """A class's photos (``<photos>/<label>/``, any depth), enough of them for the split."""
+    found = list_images(Path(photos) / label)
+    if not found:
+        raise DataError(f"no photos for class {label!r} in {Path(photos) / label}")
+    least = smallest_split(config.split)
+    if len(found) < least:
+        raise DataError(
+            f"{Path(photos) / label}: {len(found)} photos; a train/val/test split of {config.split} "
+            f"needs at least {least} (or leave --photos out: photos are optional)"
+        )
+    return found
+
+
+def _unusable_folders(sketches: Path, own: set[str]) -> dict[str, str]:
+    """The subfolders of ``sketches`` that hold files but no image this reads, by name, each with
+    what is wrong with it."""
+    unusable = {}
+    for folder in sorted(Path(sketches).iterdir()):
+        if folder.is_dir() and not _is_hidden(folder.name) and folder.name not in own:
+            if others := other_files(folder):
+                unusable[folder.name] = f"{folder}: no drawings, only {len(others)} files: {NOT_AN_IMAGE}"
+    return unusable
+
+
+def check_sources_apart(out: Path, sources: dict[str, Path | None]) -> None:
+    """Refuse sources that the dataset folder would replace (``OUT/sketch``, ``OUT/photo``,
+    ``OUT/gallery``, or folders in them) or that hold it: a dataset written over its own sources
+    would delete them, or read itself as classes on the next run."""
+    out = Path(out).resolve()
+    written = [out / name for name in (*DOMAINS, "gallery")]
+    for option, source in sources.items():
+        if source is None:
+            continue
+        where = Path(source).resolve()
+        if any(where.is_relative_to(folder) for folder in written):
+            raise DataError(
+                f"{option} {source} lies in a folder that prepare-data replaces in {out} (sketch/, photo/, "
+                "gallery/): move your images elsewhere, or write the dataset to another --out"
+            )
+        if out.is_relative_to(where):
+            raise DataError(f"--out {out} lies in {option} {source}: write the dataset outside your images")
+
+
 def prepare_data(
     out: Path,
     config: EngineConfig | None = None,
@@ -201,12 +278,20 @@ def prepare_data(
     ``<sketches>/<class>/<image>`` (any class names; files that cannot be read are listed under
     ``skipped``). The QuickDraw package is then only recorded, where given, for `pretrain`; with
     ``with_quickdraw`` too, your drawings join QuickDraw's of the same classes instead.
+    The dataset is written beside the old one and swapped in whole: a run that fails leaves the
+    previous dataset as it was.
     """
     out = Path(out)
     config = config or EngineConfig()
     if with_quickdraw and sketches is None:
         raise DataError("adding your own drawings to QuickDraw's needs the folder of them (--sketches)")
+    check_sources_apart(out, {"--sketches": sketches, "--photos": photos})
     own = set(sketch_folder_classes(sketches)) if sketches is not None else set()
+    # Folders of files this cannot read (SVG exports): named, and an error where a class needs one.
+    unusable = _unusable_folders(sketches, own) if sketches is not None else {}
+    for label in config.classes:
+        if label in unusable:
+            raise DataError(unusable[label])
     # Whose drawings: QuickDraw's (unless replaced by one's own) and one's own (where given).
     drawn_by_quickdraw: set[str] = set()
     if sketches is None or with_quickdraw:
@@ -221,55 +306,90 @@ def prepare_data(
             raise DataError(f"{sketches} has no drawings for the classes {', '.join(missing)}")
     if photos is not None and not Path(photos).is_dir():
         raise DataError(f"photo folder {photos} does not exist")
-    if out.exists():
-        for domain in DOMAINS:
-            shutil.rmtree(out / domain, ignore_errors=True)
-    counts: dict[str, dict[str, dict[str, int]]] = {d: {s: {} for s in SPLITS} for d in DOMAINS}
-    skipped: list[str] = []
-    for label in config.classes:
-        source = tarball if label in drawn_by_quickdraw else None
-        drawings, unreadable = class_drawings(label, config, source, sketches)
-        skipped.extend(unreadable)
-        for split, indices in split_indices(
-            len(drawings), config.split, f"{config.seed}:sketch:{label}"
-        ).items():
-            folder = out / "sketch" / split / label
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in indices:
-                name, image = drawings[i]
-                image.save(folder / f"{name}.png")
-            counts["sketch"][split][label] = len(indices)
-        if photos is None:
-            continue
-        class_photos = list_images(Path(photos) / label)
-        if not class_photos:
-            raise DataError(f"no photos for class {label!r} in {Path(photos) / label}")
-        key = f"{config.seed}:photo:{label}"
-        for split, indices in split_indices(len(class_photos), config.split, key).items():
-            folder = out / "photo" / split / label
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in indices:
-                shutil.copyfile(class_photos[i], folder / class_photos[i].name)
-            counts["photo"][split][label] = len(indices)
-    write_demo_gallery(out)
-    summary = {
-        "classes": list(config.classes),
-        "seed": config.seed,
-        "split": list(config.split),
-        "sketch_raster": config.sketch_raster,
-        "domains": [d for d in DOMAINS if any(counts[d]["train"].values())],
-        "counts": counts,
-        "sources": {
-            "quickdraw": str(tarball) if tarball else None,
-            "sketches": str(sketches) if sketches else None,
-            "photos": str(photos) if photos else None,
-        },
-        "skipped": skipped,
-        # With with_quickdraw: folders of one's own drawings that are not among the classes.
-        "unused_sketch_folders": sorted(own - set(config.classes)) if with_quickdraw else [],
-    }
-    (out / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
+    photo_files = {label: class_photos(photos, label, config) for label in config.classes} if photos else {}
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
+    try:
+        counts: dict[str, dict[str, dict[str, int]]] = {d: {s: {} for s in SPLITS} for d in DOMAINS}
+        skipped = list(unusable.values())
+        for label in config.classes:
+            source = tarball if label in drawn_by_quickdraw else None
+            drawings, unreadable = class_drawings(label, config, source, sketches)
+            skipped.extend(unreadable)
+            key = f"{config.seed}:sketch:{label}"
+            for split, indices in split_indices(len(drawings), config.split, key).items():
+                folder = staging / "sketch" / split / label
+                folder.mkdir(parents=True)
+                taken: set[str] = set()
+                for i in indices:
+                    name, image = drawings[i]
+                    image.save(folder / unique_name(name, ".png", taken))
+                counts["sketch"][split][label] = len(indices)
+            if label not in photo_files:
+                continue
+            found = photo_files[label]
+            key = f"{config.seed}:photo:{label}"
+            for split, indices in split_indices(len(found), config.split, key).items():
+                folder = staging / "photo" / split / label
+                folder.mkdir(parents=True)
+                taken = set()
+                for i in indices:
+                    # A photo keeps its subfolders in its name: 2023/img_1 and 2024/img_1 both stay.
+                    nested = found[i].relative_to(Path(photos) / label)
+                    name = unique_name("_".join(nested.with_suffix("").parts), found[i].suffix, taken)
+                    shutil.copyfile(found[i], folder / name)
+                counts["photo"][split][label] = len(indices)
+        write_demo_gallery(staging)
+        summary = {
+            "classes": list(config.classes),
+            "seed": config.seed,
+            "split": list(config.split),
+            "sketch_raster": config.sketch_raster,
+            "domains": [d for d in DOMAINS if any(counts[d]["train"].values())],
+            "counts": counts,
+            "sources": {
+                "quickdraw": str(tarball) if tarball else None,
+                "sketches": str(sketches) if sketches else None,
+                "photos": str(photos) if photos else None,
+            },
+            "skipped": skipped,
+            # With with_quickdraw: folders of one's own drawings that are not among the classes.
+            "unused_sketch_folders": sorted(own - set(config.classes)) if with_quickdraw else [],
+        }
+        (staging / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _swap_in(staging, out, (*DOMAINS, "gallery", "dataset.json"))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return summary
+
+
+def _swap_in(staging: Path, out: Path, names: tuple[str, ...]) -> None:
+    """Replace ``out``'s entries ``names`` with ``staging``'s (an entry ``staging`` lacks is removed):
+    the old ones are moved aside first, into ``staging``, which the caller deletes."""
+    aside = staging / "replaced"
+    aside.mkdir()
+    for name in names:
+        if (out / name).exists():
+            (out / name).rename(aside / name)
+    for name in names:
+        if (staging / name).exists():
+            (staging / name).rename(out / name)
+
+
+# File names stay under the usual 255-byte limit with room for the gallery's domain prefix.
+NAME_BYTES = 200
+
+
+def unique_name(stem: str, suffix: str, taken: set[str]) -> str:
+    """``stem + suffix``, the stem cut (at a character) to fit NAME_BYTES, and numbered where the
+    name is ``taken`` already (it is added to ``taken``)."""
+    for n in itertools.count():
+        tail = f"~{n}{suffix}" if n else suffix
+        name = stem.encode()[: NAME_BYTES - len(tail.encode())].decode("utf-8", "ignore") + tail
+        if name not in taken:
+            taken.add(name)
+            return name
+    raise AssertionError("unreachable")
 
 
 def write_demo_gallery(data_dir: Path) -> Path:
@@ -280,8 +400,10 @@ def write_demo_gallery(data_dir: Path) -> Path:
         root = Path(data_dir) / domain / "test"
         for class_dir in sorted(root.iterdir()) if root.is_dir() else []:
             (gallery / class_dir.name).mkdir(parents=True, exist_ok=True)
+            taken: set[str] = set()
             for path in list_images(class_dir):
-                shutil.copyfile(path, gallery / class_dir.name / f"{domain}_{path.name}")
+                name = unique_name(f"{domain}_{path.stem}", path.suffix, taken)
+                shutil.copyfile(path, gallery / class_dir.name / name)
     return gallery
 
 

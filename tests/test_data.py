@@ -177,3 +177,92 @@ def test_own_drawings_join_quickdraws_of_the_same_class(tmp_path, shared_data):
         prepare_data(tmp_path / "x", EngineConfig(classes=("cup", "fish")), with_quickdraw=True)
     with pytest.raises(DataError, match="unknown QuickDraw category 'mugg'"):
         prepare_data(tmp_path / "x", EngineConfig(classes=("cup", "mugg")), sketches=own, with_quickdraw=True)
+
+
+def test_prepare_data_never_loses_the_users_images_or_the_previous_dataset(tmp_path, shared_data):
+    """Sources kept where prepare-data writes (`OUT/sketch`, `OUT/photo`, `OUT/gallery`) are refused
+    before anything is touched, and a run that fails half-way (a class with too few drawings, a class
+    without photos) leaves the previous dataset as it was. Before, both deleted the user's files: the
+    old sketch/ and photo/ folders were removed first, then the sources were read (or the error met)."""
+    own = tmp_path / "my" / "sketch"
+    counts = own_drawings(own, shared_data, {"mug": "cup", "goldfish": "fish"}, 6)
+    photos = tmp_path / "my" / "photo"
+    for label, category in (("mug", "cup"), ("goldfish", "fish")):
+        (photos / label).mkdir(parents=True)
+        for path in sorted((shared_data / "photos" / category).iterdir())[:5]:
+            (photos / label / path.name).write_bytes(path.read_bytes())
+    before = sorted(p for p in (tmp_path / "my").rglob("*") if p.is_file())
+    config = EngineConfig(classes=("goldfish", "mug"))
+    for sources in ((own, photos), (own, None), (tmp_path / "elsewhere", photos)):
+        with pytest.raises(DataError, match="lies in a folder that prepare-data replaces"):
+            prepare_data(tmp_path / "my", config, sketches=sources[0], photos=sources[1])
+    with pytest.raises(DataError, match="lies in --sketches"):
+        prepare_data(own / "data", config, sketches=own)
+    assert sorted(p for p in (tmp_path / "my").rglob("*") if p.is_file()) == before
+    good = prepare_data(
+        tmp_path / "data", EngineConfig(classes=("goldfish", "mug")), sketches=own, photos=photos
+    )
+    assert sum(good["counts"]["sketch"]["test"].values()) >= 2
+    written = {p: p.read_bytes() for p in (tmp_path / "data").rglob("*") if p.is_file()}
+    few = tmp_path / "few"
+    own_drawings(few, shared_data, {"mug": "cup", "goldfish": "fish"}, 3)
+    with pytest.raises(DataError, match="3 usable drawings"):
+        prepare_data(tmp_path / "data", config, sketches=few)
+    (photos / "mug").rename(tmp_path / "away")
+    with pytest.raises(DataError, match="no photos for class 'mug'"):
+        prepare_data(
+            tmp_path / "data", EngineConfig(classes=("goldfish", "mug")), sketches=own, photos=photos
+        )
+    assert {p: p.read_bytes() for p in (tmp_path / "data").rglob("*") if p.is_file()} == written
+    assert sum(sum(c.values()) for c in good["counts"]["sketch"].values()) == sum(counts.values())
+
+
+def test_prepare_data_keeps_every_photo_and_names_what_it_cannot_use(tmp_path, shared_data):
+    """Photos of one name in different subfolders (2023/img.jpg, 2024/img.jpg) are all kept, under
+    names that hold their folders; a name too long for the file system once prefixed is shortened;
+    hidden folders (a macOS zip's __MACOSX) are not classes, and files that are not images (an SVG
+    export) are named as skipped, a folder of only those too. Before, the second photo overwrote the
+    first while the counts said otherwise, a long name failed with a traceback, __MACOSX was a class
+    and SVGs passed over without a word."""
+    own = tmp_path / "sketches"
+    own_drawings(own, shared_data, {"mug": "cup", "goldfish": "fish"}, 6)
+    (own / "__MACOSX" / "mug").mkdir(parents=True)
+    (own / "__MACOSX" / "mug" / "._drawing0.png").write_bytes(b"\0\5\26\7 AppleDouble")
+    (own / "mug" / "vector.svg").write_text("<svg/>")
+    (own / "vectors").mkdir()
+    (own / "vectors" / "cat.svg").write_text("<svg/>")
+    photos = tmp_path / "photos"
+    long = "ß" * 120  # 240 bytes in UTF-8: a legal name, too long once a prefix is added
+    for label, category in (("mug", "cup"), ("goldfish", "fish")):
+        sources = sorted((shared_data / "photos" / category).iterdir())[:8]
+        for n, path in enumerate(sources):
+            folder = photos / label / ("2023" if n % 2 else "2024")
+            folder.mkdir(parents=True, exist_ok=True)
+            name = f"{long}.jpg" if n == 0 else f"img{n // 2}{path.suffix}"
+            (folder / name).write_bytes(path.read_bytes())
+    result = CliRunner().invoke(
+        app, ["prepare-data", "--sketches", str(own), "--photos", str(photos), "--out", str(tmp_path / "d")]
+    )
+    assert result.exit_code == 0, result.output
+    skipped = [line for line in result.stderr.splitlines() if line.startswith("skipped ")]
+    assert any(str(own / "mug" / "vector.svg") in line and "not an image file" in line for line in skipped)
+    assert any(f"{own / 'vectors'}: no drawings, only 1 files" in line for line in skipped)
+    dataset = json.loads((tmp_path / "d" / "dataset.json").read_text())
+    assert dataset["classes"] == ["goldfish", "mug"]
+    for label in ("mug", "goldfish"):
+        copied = [
+            p
+            for split in ("train", "val", "test")
+            for p in (tmp_path / "d" / "photo" / split / label).iterdir()
+        ]
+        assert sorted(p.read_bytes() for p in copied) == sorted(
+            p.read_bytes() for p in (photos / label).rglob("*.*")
+        )
+        assert sum(dataset["counts"]["photo"][s][label] for s in ("train", "val", "test")) == 8
+    gallery = [p.name for p in (tmp_path / "d" / "gallery").rglob("*.*")]
+    assert len(gallery) == len(set(gallery)) and all(len(name.encode()) <= 255 for name in gallery)
+    assert len(gallery) == sum(
+        dataset["counts"][d]["test"][label] for d in ("sketch", "photo") for label in ("mug", "goldfish")
+    )
+    with pytest.raises(DataError, match="vectors: no drawings, only 1 files"):
+        prepare_data(tmp_path / "e", EngineConfig(classes=("mug", "vectors")), sketches=own)
