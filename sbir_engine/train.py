@@ -129,6 +129,8 @@ def backbone_features(
                 chunks.append(np.stack(per_view, axis=1))
                 kept.extend(by_path[p] for p in batch.paths)
             progress.advance(task, len(batch.paths) + len(batch.failures))
+    if not chunks:  # no sample, or none readable: no rows (nothing worth caching)
+        return np.zeros((0, views, *model.head.input.shape[1:]), np.float32), []
     features = np.concatenate(chunks).astype(np.float32)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, features=features, paths=np.array([str(s.path) for s in kept]))
@@ -335,7 +337,14 @@ def head_rows(
     if config.canvas_views:
         train_samples += canvas_samples(train_samples, config)
     train_rows = training_features(model, train_samples)
-    return train_samples, train_rows, served_rows(model, load_split(data_dir, "val", domains), "val")
+    val_rows = served_rows(model, load_split(data_dir, "val", domains), "val")
+    if not len(val_rows[1]):
+        raise DataError(f"{data_dir} has no readable validation images, which early stopping needs")
+    # Photo classes of 3 or fewer images have none (the split rounds them away): say whose are judged.
+    validated = dict.fromkeys(val_rows[2])
+    for domain in (d for d in dict.fromkeys(train_rows[2]) if d not in validated):
+        print(f"{domain}: no validation images, early stopping judges {', '.join(validated)} alone")
+    return train_samples, train_rows, val_rows
 
 
 def fit_head(
@@ -425,6 +434,7 @@ def train(
     started = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     config = config or EngineConfig()
+    load_split(data_dir, "train", ())  # not a prepared dataset: its DataError says what to run
     dataset = json.loads((data_dir / "dataset.json").read_text())
     available = dataset["domains"]
     domains = tuple(d for d in config.domains if d in available)
@@ -443,6 +453,7 @@ def train(
         domains=domains,
         split=tuple(dataset["split"]),
         data_seed=dataset["seed"],
+        data_dir=data_dir.resolve(),  # evaluate --canvas reads which drawings it held out
     )
     keras.utils.set_random_seed(config.seed)
     model = build_model(config, weights)
@@ -485,6 +496,10 @@ def train(
     test = load_split(data_dir, "test", domains)
     for domain in domains:
         feats, labels, _ = served_rows(model, [s for s in test if s.domain == domain], f"{domain} test")
+        if not len(labels):  # e.g. photo classes of 3 or fewer images, or only unreadable files
+            print(f"{domain}: no test images, no test figures")
+            metrics[domain] = {"test_images": 0}
+            continue
         probs = np.asarray(model.head.predict(feats, verbose=0))
         metrics[domain] = {
             "test_top1": top_k_accuracy(probs, labels, 1),
@@ -493,6 +508,11 @@ def train(
         }
         matrix = confusion_matrix(probs.argmax(axis=1), labels, n)
         plot_confusion(matrix, config.classes, out_dir / f"confusion_{domain}.png", f"{domain} test split")
+    # Every other output is rewritten; a confusion matrix of a domain without test figures now
+    # would be an earlier run's, beside this run's model.
+    for domain in DOMAINS:
+        if "test_top1" not in metrics.get(domain, {}):
+            (out_dir / f"confusion_{domain}.png").unlink(missing_ok=True)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
