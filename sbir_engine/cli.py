@@ -158,7 +158,6 @@ def query(
     from .data import list_images
     from .engine import SketchEngine
     from .images import ImageError
-    from .index import GalleryIndex, label_counts
 
     given = sketches
     sketches = [image for path in given for image in (list_images(path) if path.is_dir() else [path])]
@@ -177,14 +176,8 @@ def query(
             engine = load_engine(uri, collection)
     except _index_errors() as err:
         fail(str(err))
-    if label and isinstance(engine.index, GalleryIndex):  # a typo would just give no neighbours
-        known = sorted(set(label_counts(engine.index.entries.values())) - {"-"})
-        for name in sorted(set(label) - set(known)):
-            typer.echo(
-                f"note: no image in the index has the label {name!r} (its labels: {', '.join(known)})",
-                err=True,
-            )
     several, failed = len(sketches) > 1 or any(path.is_dir() for path in given), 0
+    noted = set()  # a note that holds for every sketch (an unknown --label) is said once
     for sketch in sketches:
         try:
             result = engine.query(sketch, k=k, same_class=same_class, labels=label or None, photo=photo)
@@ -194,7 +187,8 @@ def query(
             continue
         except _index_errors() as err:
             fail(str(err))
-        if result.note:  # e.g. --same-class on a gallery whose labels are not the model's classes
+        if result.note and result.note not in noted:  # an unknown --label; --same-class finding nothing
+            noted.add(result.note)
             typer.echo(f"note: {f'{sketch}: ' if several else ''}{result.note}", err=True)
         if save_input is not None:
             try:

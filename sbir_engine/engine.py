@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from itertools import islice
+from pathlib import Path, PurePath
 
 import numpy as np
 from PIL import Image
 
 from .embed import Embedder
 from .gallery import is_drawing
-from .images import PREPROCESSING_VERSION, ImageSource, resize_to_array
-from .index import GalleryIndex, current_version
+from .images import ACCEPTED, PREPROCESSING_VERSION, ImageSource, resize_to_array
+from .index import GalleryIndex, current_version, label_counts
 from .model import load_model
 
 # A query whose nearest entries are mostly copies of each other searches deeper for k distinct
@@ -112,7 +113,7 @@ class SketchEngine:
         """The gallery folder of the loaded index version: a rebuild from a moved gallery moves it."""
         return Path(self._index.meta["gallery_root"])
 
-    def is_drawing(self, path: str) -> bool:
+    def is_drawing(self, path: str | PurePath) -> bool:
         """Whether the gallery entry at ``path`` (its manifest path) is a drawing, embedded as a
         sketch is (``build-index --drawings``): as a query it is then normalised, not taken as it is."""
         return is_drawing(path, self._index.meta.get("drawings", []))
@@ -134,20 +135,27 @@ class SketchEngine:
     def embed(self, images: Iterable[ImageSource] | ImageSource, sketch: bool = True) -> np.ndarray:
         """L2-normalised embeddings, one row per image (sketches are normalised first).
 
-        ``images`` is one image (path, bytes, array or PIL image) or any sequence of them; an empty
-        one gives an empty (0, embedding_dim) array.
+        ``images`` is one image (path, bytes, binary file object, array or PIL image) or any sequence
+        of them; an empty one gives an empty (0, embedding_dim) array. They are decoded and embedded
+        ``config.batch_size`` at a time, so memory stays bounded however many there are.
         """
-        images = _image_list(images)
-        if not images:
-            return np.zeros((0, self.config.embedding_dim), np.float32)
         load = self.embedder.load_sketch if sketch else self.embedder.load_image
-        return self.embedder(np.stack([load(image) for image in images]))[0]
+        images, batch = _image_iter(images), max(1, self.config.batch_size)
+        vectors = [np.zeros((0, self.config.embedding_dim), np.float32)]
+        while chunk := list(islice(images, batch)):
+            vectors.append(self.embedder(np.stack([load(image) for image in chunk]))[0])
+        return np.concatenate(vectors)
 
     def search(
-        self, vectors: np.ndarray, k: int = 10, labels: list[str] | None = None
+        self, vectors: np.ndarray, k: int = 10, labels: Iterable[str] | str | None = None
     ) -> list[list[Neighbour]]:
-        """Raw nearest-neighbour search: for each vector, the k nearest gallery entries by cosine."""
+        """Raw nearest-neighbour search: for each vector, the k nearest gallery entries by cosine.
+
+        ``vectors`` is one (embedding_dim,) vector or an (n, embedding_dim) matrix, L2-normalised here
+        (so scores are cosines whatever their length); ``labels`` as in :meth:`query`.
+        """
         check_k(k)
+        labels = check_labels(labels)
         index = self._index
         scores, ids = index.search(vectors, k, labels)
         return [self._neighbours(index, s, i) for s, i in zip(scores, ids, strict=True)]
@@ -157,15 +165,21 @@ class SketchEngine:
         sketch: ImageSource,
         k: int = 10,
         same_class: bool = False,
-        labels: list[str] | None = None,
+        labels: Iterable[str] | str | None = None,
         photo: bool = False,
     ) -> QueryResult:
         """Classify a sketch and find its k nearest gallery images.
 
+        ``labels`` keeps only images with one of these labels (a single string is one label); a
+        label that no image of the index has is named in ``note``. ``same_class`` keeps only images
+        of the predicted class; with ``labels`` too, both apply: the predicted class if it is one of
+        ``labels`` (else nothing, and ``note`` says why).
         With ``photo`` the query is a picture to be taken as it is (a photo: "more like this"),
         embedded as the gallery's images are, without the sketch normaliser.
         """
         check_k(k)
+        labels = check_labels(labels)
+        index = self._index  # one index version for the whole query (reload may swap it meanwhile)
         t0 = time.perf_counter()
         if photo:
             normalised, image = None, self.embedder.load_image(sketch)
@@ -177,15 +191,27 @@ class SketchEngine:
         t2 = time.perf_counter()
         probs = {name: float(p) for name, p in zip(self.classes, probabilities[0], strict=True)}
         label = self.classes[int(np.argmax(probabilities[0]))]
+        notes = [unknown_labels_note(index, labels, vectors[0])] if labels else []
+        wanted = labels
         if same_class:
-            labels = [label]
-        neighbours = self._ranked(self._index, vectors[0], probabilities[0], k, labels)
+            wanted = [label] if labels is None or label in labels else []
+        if wanted == []:  # nothing can match: no search (Milvus has no empty filter)
+            neighbours = []
+        else:
+            neighbours = self._ranked(index, vectors[0], probabilities[0], k, wanted)
         t3 = time.perf_counter()
         timings = {"decode": (t1 - t0) * 1e3, "network": (t2 - t1) * 1e3, "search": (t3 - t2) * 1e3}
         timings["total"] = (t3 - t0) * 1e3
-        # A filtered search finds every match (see GalleryIndex.search), so nothing found means the
-        # predicted class names no image: a flat gallery, or folders named otherwise than the classes.
-        note = no_class_note(label) if same_class and not neighbours else None
+        if same_class and labels is not None and label not in labels:
+            notes.append(
+                f"the predicted class {label!r} is not one of the labels asked for "
+                f"({', '.join(map(repr, labels))}), so only the predicted class among them finds nothing"
+            )
+        elif same_class and not neighbours:
+            # A filtered search finds every match (see GalleryIndex.search), so nothing found means the
+            # predicted class names no image: a flat gallery, or folders named otherwise than the classes.
+            notes.append(no_class_note(label))
+        note = "; ".join(n for n in notes if n) or None
         return QueryResult(label, probs, neighbours, timings, normalised, note)
 
     def _ranked(
@@ -234,9 +260,43 @@ class SketchEngine:
 
 
 def check_k(k: int) -> None:
-    """k below 1 would mean everything (k = -1 in FAISS terms) or one result: neither was asked for."""
+    """k is a whole number (int or numpy integer) of at least 1: below 1 would mean everything (k = -1
+    in FAISS terms) or one result, and a fraction, inf or NaN the whole gallery or a crash after the
+    network ran. A bool is refused too: ``k=True`` is a mistake, not a request for one result."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise ValueError(f"k (the number of results) must be a whole number, at least 1, got {k!r}")
     if k < 1:
         raise ValueError(f"k (the number of results) must be at least 1, got {k}")
+
+
+def check_labels(labels: Iterable[str] | str | None) -> list[str] | None:
+    """A label filter as a list of labels: a single string is one label, not its characters."""
+    if labels is None:
+        return None
+    if isinstance(labels, str):
+        return [labels]
+    try:
+        labels = list(labels)
+    except TypeError:
+        raise ValueError(f"labels must be a label or a list of labels, not {type(labels).__name__}") from None
+    for label in labels:
+        if not isinstance(label, str):
+            raise ValueError(f"labels must be strings (the gallery's folder names), got {label!r}")
+    return labels
+
+
+def unknown_labels_note(index: GalleryIndex, labels: list[str], vector: np.ndarray) -> str | None:
+    """A note naming the labels that no image of the index has (a typo would just give no neighbours),
+    with the labels it has, as ``sbir-engine query --label`` prints it; None when all are known."""
+    if isinstance(index, GalleryIndex):  # its label → ids map, cached: no search
+        missing = [name for name in labels if not len(index._ids_with_label(name))]
+    else:  # another VectorStore (Milvus): a filtered one-result search finds an image of the label if any
+        missing = [name for name in labels if index.search(vector[None], 1, [name])[1][0, 0] < 0]
+    if not missing:
+        return None
+    known = ", ".join(sorted(set(label_counts(index.entries.values())) - {"-"}))
+    notes = (f"no image in the index has the label {name!r} (its labels: {known})" for name in missing)
+    return "; ".join(notes)
 
 
 def no_class_note(label: str) -> str:
@@ -248,17 +308,17 @@ def no_class_note(label: str) -> str:
     )
 
 
-def _image_list(images: Iterable[ImageSource] | ImageSource) -> list[ImageSource]:
-    """One image as a list of one, a sequence of them as a list (bytes and arrays are one image)."""
-    if isinstance(images, (str, os.PathLike, bytes, bytearray, np.ndarray, Image.Image)):
-        return [images]
+def _image_iter(images: Iterable[ImageSource] | ImageSource) -> Iterator[ImageSource]:
+    """One image as an iterator over it alone, a sequence of them as an iterator over them (bytes,
+    memoryviews, binary file objects and arrays are one image: not their rows, ints or lines)."""
+    one = (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, Image.Image)
+    if isinstance(images, one) or hasattr(images, "read"):
+        return iter([images])
     try:
-        return list(images)
+        return iter(images)
     except TypeError:
-        raise TypeError(
-            f"embed takes an image (a path, bytes, a numpy array or a PIL image) or a sequence of "
-            f"them, not {type(images).__name__}"
-        ) from None
+        kind = type(images).__name__
+        raise TypeError(f"embed takes an image ({ACCEPTED}) or a sequence of them, not {kind}") from None
 
 
 def collapse_duplicates(index: GalleryIndex, scores: np.ndarray, ids: np.ndarray, k: int) -> list[Neighbour]:

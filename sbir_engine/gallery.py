@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from .config import IMAGE_EXTENSIONS
 
@@ -114,13 +114,13 @@ def check_drawing_patterns(patterns: Iterable[str] | str) -> list[str]:
     return checked
 
 
-def is_drawing(relative: str, patterns: Iterable[str]) -> bool:
-    """Whether a gallery file (its manifest path) is a drawing, as ``.gitignore`` matches names:
-    a pattern without "/" matches the file's name or any folder it is in (``sketches``,
-    ``*.sketch.png``); one with "/" matches the path from the gallery root or a folder on it
-    (``cat/drawings``, ``*/drawings``, where ``*`` may also cross folders), and one that starts
-    with ``**/`` matches at any depth. Case counts, as it does in file names on Linux."""
-    parts = relative.split("/")
+def is_drawing(relative: str | PurePath, patterns: Iterable[str]) -> bool:
+    """Whether a gallery file (its manifest path, a str or a relative Path) is a drawing, as
+    ``.gitignore`` matches names: a pattern without "/" matches the file's name or any folder it is
+    in (``sketches``, ``*.sketch.png``); one with "/" matches the path from the gallery root or a
+    folder on it (``cat/drawings``, ``*/drawings``, where ``*`` may also cross folders), and one that
+    starts with ``**/`` matches at any depth. Case counts, as it does in file names on Linux."""
+    parts = (relative.as_posix() if isinstance(relative, PurePath) else relative).split("/")
     for pattern in patterns:
         anywhere = pattern.startswith("**/")
         pattern = pattern.removeprefix("**/") if anywhere else pattern

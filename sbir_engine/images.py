@@ -7,9 +7,11 @@ an image is resized the same way wherever it comes from.
 from __future__ import annotations
 
 import io
+import os
 import stat
 import warnings
 from pathlib import Path
+from typing import IO
 
 import cv2
 import numpy as np
@@ -32,7 +34,10 @@ except ImportError:  # decoding then fails with a message that names the package
 else:
     register_heif_opener()
 
-ImageSource = str | Path | bytes | np.ndarray | Image.Image
+# A binary file object (anything with .read(): an open file, BytesIO, an upload) is read from where it is.
+ImageSource = str | Path | bytes | bytearray | memoryview | IO[bytes] | np.ndarray | Image.Image
+# What open_image says it takes when given something else.
+ACCEPTED = "a path (str or Path), bytes, a binary file object, a numpy array or a PIL image"
 
 # Bumped whenever image decoding or the sketch normaliser changes what the network sees: it is part of
 # every model fingerprint, so an index embedded under another version is refused, not silently mixed.
@@ -80,12 +85,15 @@ class EmptySketchError(ImageError):
 
 
 def _describe(source: ImageSource) -> str:
-    if isinstance(source, (str, Path)):
-        return str(source)
-    if isinstance(source, bytes):
-        return f"<{len(source)} bytes>"
+    if isinstance(source, (str, os.PathLike)):
+        return os.fsdecode(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{memoryview(source).nbytes} bytes>"
     if isinstance(source, np.ndarray):
         return f"<array {source.shape} {source.dtype}>"
+    name = getattr(source, "name", None)  # an open file's path, an upload's file name
+    if hasattr(source, "read") and isinstance(name, str):
+        return name
     return f"<{type(source).__name__}>"
 
 
@@ -94,7 +102,8 @@ def open_image(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Image.Image:
-    """Decode a path, bytes, array or PIL image into a fully loaded PIL image.
+    """Decode a path, bytes (or a bytearray, memoryview), binary file object (read from its current
+    position), array or PIL image into a fully loaded PIL image; anything else is an :class:`ImageError`.
 
     Refuses files over ``max_bytes`` and images over ``max_pixels`` (decompression bombs) before
     decoding their pixels, honours EXIF orientation and takes the first frame of animations.
@@ -105,7 +114,7 @@ def open_image(
     elif isinstance(source, np.ndarray):
         image = _array_to_image(source, name)
     else:
-        if isinstance(source, (str, Path)):
+        if isinstance(source, (str, os.PathLike)):
             path = Path(source)
             try:
                 if path.is_dir():
@@ -119,10 +128,15 @@ def open_image(
                 data = path.read_bytes()
             except OSError as err:
                 raise ImageError(name, f"cannot be read ({err.strerror or err})") from err
+        elif isinstance(source, (bytes, bytearray, memoryview)):
+            size = memoryview(source).nbytes
+            if size > max_bytes:
+                raise ImageError(name, f"upload is {size:,} bytes, over the limit of {max_bytes:,}")
+            data = bytes(source)
+        elif hasattr(source, "read"):
+            data = _read_upload(source, name, max_bytes)
         else:
-            data = source
-            if len(data) > max_bytes:
-                raise ImageError(name, f"upload is {len(data):,} bytes, over the limit of {max_bytes:,}")
+            raise ImageError(name, f"not an image source (type {type(source).__name__}): give {ACCEPTED}")
         if not data:
             raise ImageError(name, "file is empty (0 bytes)")
         try:
@@ -155,6 +169,24 @@ def open_image(
         return image
 
 
+def _read_upload(source: IO[bytes], name: str, max_bytes: int) -> bytes:
+    """A binary file object's bytes (Streamlit's UploadedFile, BytesIO, an open file); one byte past
+    the limit is enough to refuse it, without reading a huge stream into memory."""
+    if isinstance(source, io.TextIOBase):
+        raise ImageError(name, "is a file opened in text mode: open it with 'rb'")
+    try:
+        data = source.read(max_bytes + 1)
+    except OSError as err:
+        raise ImageError(name, f"cannot be read ({err.strerror or err})") from err
+    except Exception as err:  # e.g. a file closed already
+        raise ImageError(name, f"cannot be read ({type(err).__name__}: {err})") from err
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageError(name, f"its read() gave a {type(data).__name__}, not bytes")
+    if len(data) > max_bytes:
+        raise ImageError(name, f"upload is over the limit of {max_bytes:,} bytes")
+    return bytes(data)
+
+
 # ISO media files (HEIF, AVIF) name their format in the brand after "ftyp" (bytes 4–12).
 HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
 AVIF_BRANDS = (b"avif", b"avis")
@@ -172,19 +204,34 @@ def _missing_decoder(data: bytes) -> str | None:
 
 
 def _array_to_image(array: np.ndarray, name: str) -> Image.Image:
+    """An H×W, H×W×1, H×W×3 (RGB) or H×W×4 (RGBA) array as an 8-bit image, its values read by dtype:
+
+    * uint8: 0–255 as it is;
+    * float: 0–1 when no value is over 1, else 0–255 (clipped);
+    * bool, and an integer array (uint8 too) holding only 0s and 1s: a mask, 0 and 1 → 0 and 255
+      (``mask.astype(np.uint8)``; as a picture such an array would be black throughout);
+    * other integer types: 0–255, or, when a value is over 255, 16-bit 0–65535 (÷257, clipped), as
+      16-bit PNG and TIFF scans are read (``cv2.IMREAD_UNCHANGED``) and as PIL's 16- and 32-bit integer
+      images are (see composite_on_white). 10- or 12-bit data must be scaled by the caller.
+    """
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise ImageError(name, "array must be H×W, H×W×3 (RGB) or H×W×4 (RGBA)")
     if array.size == 0:
         raise ImageError(name, "image has no pixels")
-    if array.dtype != np.uint8:
-        array = np.asarray(array, dtype=np.float64)
-        if not np.all(np.isfinite(array)):
-            raise ImageError(name, "array holds NaN or infinite values")
-        if array.max(initial=0) <= 1.0:  # floats in [0, 1]
-            array = array * 255.0
-        array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    if array.dtype == np.uint8 and array.max() > 1:  # the usual case: a picture, taken as it is
+        return Image.fromarray(array)
+    integer = np.issubdtype(array.dtype, np.integer)
+    array = np.asarray(array, dtype=np.float64)
+    if not np.all(np.isfinite(array)):
+        raise ImageError(name, "array holds NaN or infinite values")
+    peak = array.max()
+    if peak <= 1.0:  # floats in [0, 1], or a 0/1 mask
+        array = array * 255.0
+    elif integer and peak > 255:  # 16-bit
+        array = array / 257.0
+    array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
     return Image.fromarray(array)
 
 

@@ -147,11 +147,26 @@ def repeated_contents(digests: Iterable[str]) -> int:
 
 
 def query_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
-    """Query vectors as a contiguous float32 (n, dim) matrix, or a clear error."""
-    queries = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
-    if queries.shape[1] != dim:
-        raise ValueError(f"query vectors have dimension {queries.shape[1]}, the index holds {dim}")
-    return queries
+    """Query vectors as a contiguous float32 (n, dim) matrix of unit rows, or a clear error.
+
+    Rows are L2-normalised so that scores are cosines (the index holds unit vectors) whatever the
+    caller's scale, e.g. an average of embeddings; NaN and inf are refused. An all-zero row (a ReLU
+    layer that gave nothing, which the model's own normalisation leaves zero) stays zero: every
+    score 0, as before.
+    """
+    try:
+        queries = np.asarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"query vectors must be numbers, shape (n, {dim}) or ({dim},) ({err})") from err
+    shape = queries.shape
+    queries = queries[None] if queries.ndim == 1 else queries
+    if queries.ndim != 2 or queries.shape[1] != dim:
+        expected = f"(n, {dim}) or ({dim},)"
+        raise ValueError(f"query vectors must have shape {expected} (the index holds {dim}-d), got {shape}")
+    if not np.isfinite(queries).all():
+        raise ValueError("query vectors hold NaN or infinite values")
+    norms = np.linalg.norm(queries, axis=1, keepdims=True)
+    return np.ascontiguousarray(queries / np.maximum(norms, 1e-12))
 
 
 def _search_threads(index: faiss.Index, queries: np.ndarray, k: int, params) -> tuple[np.ndarray, np.ndarray]:

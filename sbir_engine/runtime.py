@@ -17,7 +17,8 @@ Runtimes (``runtime=``):
     A ``tf.function`` with a fixed input signature ``[None, S, S, 3]``: traced once, no per-call graph.
 ``tflite``
     The LiteRT (TFLite) interpreter with XNNPACK, ``num_threads`` = usable cores; one interpreter
-    for batch 1 (queries) and one resized to the last batch size seen (gallery embedding).
+    for batch 1 (queries) and one resized to the last batch size seen (gallery embedding), at most
+    ``TFLITE_MAX_BATCH``: a larger input runs in chunks of that size.
     ``ai_edge_litert`` is used when installed, else TensorFlow's built-in ``tf.lite.Interpreter``.
 ``onnx``
     ONNX Runtime (CPU) over a ``tf2onnx`` export; needs ``onnxruntime`` and ``tf2onnx``.
@@ -62,6 +63,9 @@ TOLERANCE = 1e-4
 OUTPUTS = ("embedding", "probabilities")
 SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx"}
 CACHE_KEEP = 6  # exports kept per kind in the user cache (the most recently used)
+# The largest batch a TFLite interpreter is sized for (the gallery's default batch): its tensors take
+# ~8 MiB an image and stay allocated, so one call with thousands of images would hold gigabytes for good.
+TFLITE_MAX_BATCH = 32
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +222,9 @@ class TFLiteRuntime(Runtime):
     def __call__(self, images):
         images = np.ascontiguousarray(images, dtype=np.float32)
         n = len(images)
+        if n > TFLITE_MAX_BATCH:  # in chunks: the interpreter is never resized beyond TFLITE_MAX_BATCH
+            parts = [self(images[i : i + TFLITE_MAX_BATCH]) for i in range(0, n, TFLITE_MAX_BATCH)]
+            return np.concatenate([e for e, _ in parts]), np.concatenate([p for _, p in parts])
         with self._lock:
             if n == 1:
                 interpreter, inp, outs = self._single

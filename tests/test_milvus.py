@@ -115,6 +115,8 @@ def test_cli_backend_milvus(small_index, small_gallery, tmp_path):
         assert result.exit_code == 0, result.output
         answers.append(json.loads(result.stdout.strip().splitlines()[-1]))
     assert [n["id"] for n in answers[0]["neighbours"]] == [n["id"] for n in answers[1]["neighbours"]]
+    typo = runner.invoke(app, ["query", str(sketch), "--backend", "milvus", "--uri", uri, "--label", "cta"])
+    assert typo.exit_code == 0 and "note: no image in the index has the label 'cta'" in typo.stderr
     info = runner.invoke(app, ["index", "info", "--backend", "milvus", "--uri", uri])
     assert info.exit_code == 0, info.output
     assert "Milvus" in info.output or "FLAT" in info.output
