@@ -27,6 +27,7 @@ import numpy as np
 from PIL.Image import Image
 
 from .config import DOMAINS, IMAGE_EXTENSIONS, EngineConfig
+from .gallery import is_hidden
 from .images import ImageError, normalize_sketch
 
 SPLITS = ("train", "val", "test")
@@ -129,21 +130,12 @@ def split_indices(n: int, fractions: tuple[float, float, float], key: str) -> di
     }
 
 
-# Folders that archivers and file managers leave beside one's images (a macOS zip's __MACOSX,
-# .ipynb_checkpoints, a NAS's @eaDir thumbnails): copies or junk, never a class or a drawing.
-_NOT_DATA = ("__MACOSX", "@eaDir")
-
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".") or name in _NOT_DATA
-
-
 def _visible_files(folder: Path) -> list[Path]:
     folder = Path(folder)
     return sorted(
         p
         for p in folder.rglob("*")
-        if p.is_file() and not any(_is_hidden(part) for part in p.relative_to(folder).parts)
+        if p.is_file() and not any(is_hidden(part) for part in p.relative_to(folder).parts)
     )
 
 
@@ -168,7 +160,7 @@ def sketch_folder_classes(folder: Path) -> tuple[str, ...]:
     if not folder.is_dir():
         raise DataError(f"sketch folder {folder} does not exist")
     classes = tuple(
-        sorted(d.name for d in folder.iterdir() if d.is_dir() and not _is_hidden(d.name) and list_images(d))
+        sorted(d.name for d in folder.iterdir() if d.is_dir() and not is_hidden(d.name) and list_images(d))
     )
     if not classes:
         raise DataError(f"{folder} holds no <class>/<image> folders of drawings")
@@ -238,7 +230,7 @@ def _unusable_folders(sketches: Path, own: set[str]) -> dict[str, str]:
     what is wrong with it."""
     unusable = {}
     for folder in sorted(Path(sketches).iterdir()):
-        if folder.is_dir() and not _is_hidden(folder.name) and folder.name not in own:
+        if folder.is_dir() and not is_hidden(folder.name) and folder.name not in own:
             if others := other_files(folder):
                 unusable[folder.name] = f"{folder}: no drawings, only {len(others)} files: {NOT_AN_IMAGE}"
     return unusable

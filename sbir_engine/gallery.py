@@ -29,6 +29,16 @@ class GalleryFile:
 
 
 NOT_UTF8 = "its name is not valid UTF-8 (rename it: the index stores names as UTF-8)"
+# Folders that archivers and file managers leave beside one's images: a macOS zip's __MACOSX (its
+# ._x.png are AppleDouble metadata, not images) and a Synology NAS's @eaDir (a thumbnail per image).
+NOT_A_COLLECTION = ("__MACOSX", "@eaDir")
+HIDDEN = "is hidden (a name starting with '.', or in __MACOSX or @eaDir): galleries leave such files out"
+
+
+def is_hidden(name: str) -> bool:
+    """Whether a file or folder name is not part of an image collection: hidden (``.DS_Store``,
+    ``.ipynb_checkpoints``, ``.Trash``) or an archiver's or file manager's (:data:`NOT_A_COLLECTION`)."""
+    return name.startswith(".") or name in NOT_A_COLLECTION
 
 
 @dataclass
@@ -43,7 +53,8 @@ def walk_gallery(root: Path) -> GalleryScan:
     """Image files under ``root`` (the label is the first folder under the root, if any), and the
     folders that could not be listed (no permission, a dropped network mount).
 
-    Symlinked folders are not followed, so a link loop cannot hang the scan.
+    Symlinked folders are not followed, so a link loop cannot hang the scan, and hidden files and
+    folders (:func:`is_hidden`) are left out: thumbnails and metadata, not the collection.
     """
     root = Path(root)
     if not root.is_dir():
@@ -56,10 +67,10 @@ def walk_gallery(root: Path) -> GalleryScan:
         scan.unlisted.append(("" if relative == "." else relative, err.strerror or str(err)))
 
     for folder, dirs, files in os.walk(root, onerror=unlisted, followlinks=False):
-        dirs.sort()
+        dirs[:] = sorted(name for name in dirs if not is_hidden(name))
         for name in sorted(files):
             path = Path(folder) / name
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            if path.suffix.lower() not in IMAGE_EXTENSIONS or is_hidden(name):
                 continue
             relative = path.relative_to(root)
             label = relative.parts[0] if len(relative.parts) > 1 else None
@@ -179,6 +190,8 @@ def stage_files(
     gallery = Path(gallery)
     if label is not None and (not label or "/" in label or label in (".", "..") or not is_utf8(label)):
         raise ValueError(f"--label {shown(label)!r} is not a folder name (in UTF-8)")
+    if label is not None and is_hidden(label):
+        raise ValueError(f"--label {shown(label)!r} {HIDDEN}")
     staged: dict[str, GalleryFile] = {}
     copied: dict[str, Path] = {}
     for given in paths:
@@ -203,6 +216,10 @@ def stage_files(
         for source, relative in sources:
             if not is_utf8(relative.as_posix()) or inside is not None and not is_utf8(inside):
                 failed.append((shown(source), NOT_UTF8))
+                continue
+            # A rescan would drop it again (a folder's hidden files walk_gallery has left out already).
+            if any(is_hidden(part) for part in Path(inside or "", relative).parts):
+                failed.append((shown(source), HIDDEN))
                 continue
             if inside is not None:  # indexed in place; its folder is its label
                 key = Path(inside, relative).as_posix() if given.is_dir() else inside

@@ -115,6 +115,34 @@ def test_a_file_whose_name_is_not_utf8_is_reported_and_skipped(photos, small_run
     assert "na\\xefve.jpg" in added.failed[0][0] and not list((gallery / "fish").glob("na*"))
 
 
+def test_hidden_files_and_folders_are_not_the_collection(photos, small_run, embedder, tmp_path):
+    """A macOS zip's __MACOSX (AppleDouble ._ files), Jupyter's .ipynb_checkpoints copies, a Synology
+    NAS's @eaDir thumbnails and hidden files are left out of a build, without failures; `index add`
+    names them instead of adding what a rescan would drop. Before, the thumbnails and checkpoint
+    copies were indexed as images (label "@eaDir") and every AppleDouble file was a failure."""
+    gallery = make_gallery(tmp_path / "gallery", photos)
+    cat = photos["cat"][0]
+    (gallery / "__MACOSX" / "cat").mkdir(parents=True)
+    (gallery / "__MACOSX" / "cat" / f"._{cat.name}").write_bytes(b"\0\5\26\7\0\2\0\0Mac OS X")
+    (gallery / "cat" / ".ipynb_checkpoints").mkdir()
+    shutil.copyfile(cat, gallery / "cat" / ".ipynb_checkpoints" / "copy-checkpoint.jpg")
+    (gallery / "@eaDir" / cat.name).mkdir(parents=True)
+    shutil.copyfile(photos["cat"][5], gallery / "@eaDir" / cat.name / "SYNOPHOTO_THUMB_M.jpg")
+    shutil.copyfile(photos["fish"][5], gallery / "fish" / ".hidden.jpg")
+    report = build_index(small_run, gallery, tmp_path / "index", embedder=embedder)
+    assert report.failed == [] and report.added == 2 * len(LABELS), report.summary()
+    assert indexed(tmp_path / "index") == {
+        f"{label}/{path.name}" for label in LABELS for path in photos[label][:2]
+    }
+    added = add_files(
+        tmp_path / "index", [gallery / "fish" / ".hidden.jpg", gallery / "cat"], embedder=embedder
+    )
+    assert added.added == 0 and [path for path, _ in added.failed] == [str(gallery / "fish" / ".hidden.jpg")]
+    assert "is hidden" in added.failed[0][1]
+    with pytest.raises(ValueError, match="is hidden"):
+        add_files(tmp_path / "index", [photos["cup"][5]], label=".thumbs", embedder=embedder)
+
+
 def unlistable(monkeypatch, folder: Path) -> None:
     """Make ``folder`` fail to list, as a folder without read permission or a dropped mount does
     (the tests run as root, whom permissions do not stop)."""
