@@ -445,6 +445,15 @@ def add_files(
         model_dir = Path(model_dir) if model_dir else target.model_dir(store.meta)
         embedder = embedder or Embedder(load_model(model_dir))
         files, copied = stage_files(paths, gallery, label, report.failed)
+        patterns = _recorded_drawings(store)
+        if as_photos := [key for key in copied if patterns and not is_drawing(key, patterns)]:
+            # A drawing copied to <label>/ is embedded as a photo where the patterns name folders.
+            more = f" and {len(as_photos) - 3} more" if len(as_photos) > 3 else ""
+            report.notes.append(
+                f"{len(as_photos)} files copied in are embedded as photos: no --drawings pattern "
+                f"({' '.join(map(repr, patterns))}) names {', '.join(as_photos[:3])}{more}; to add a "
+                "drawing, copy it where a pattern names it, then index add it there"
+            )
         if store.meta["model"]["fingerprint"] != embedder.model.fingerprint():
             rebuilt = build_index(
                 model_dir, gallery, None, batch_size=batch_size, embedder=embedder, target=target

@@ -152,6 +152,14 @@ def test_a_rerun_keeps_the_patterns_and_a_change_embeds_only_the_files_it_moves(
     entry = next(e for e in index.entries.values() if e.path == "cat/drawings/new.png")
     stored = index.vectors[index.rows[entry.id]]
     assert float(stored @ embedder(embedder.load_sketch(new)[None])[0][0]) > 0.999
+    # One brought in from outside lands in <label>/, which no folder pattern names: said, not silent.
+    outside = tmp_path / "outside.png"
+    render_strokes(records["cat"][1]["drawing"], SCAN[0], SCAN[1] + 2).save(outside)  # no copy of one
+    copied = add_files(index_dir, [outside], label="cat", embedder=embedder)
+    assert copied.added == 1 and (
+        "1 files copied in are embedded as photos: no --drawings pattern ('cat/drawings') names "
+        "cat/outside.png" in "\n".join(copied.notes)
+    ), copied.summary()
 
     # Moved out of the drawings' folder it is a photo now: embedded again, not moved with its vector.
     (gallery / "cat" / "drawings" / "new.png").rename(gallery / "cat" / "new.png")
