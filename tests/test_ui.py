@@ -15,7 +15,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageDraw
 from streamlit.testing.v1 import AppTest
 
 from sbir_engine.build import build_index
@@ -208,6 +209,20 @@ def test_more_like_this_queries_with_a_result_and_back_returns(monkeypatch, smal
     at = upload(at, "cat.png", sketch_bytes(small_dataset, "cat"))
     assert not any(c.value.startswith("More like the gallery image") for c in at.caption)
     assert view_captions(at) == [VIEW_CAPTION]
+    # So do removing the upload (the same file uploaded again is a new query: before, the choice came
+    # back) and flipping the photo switch (before, the page stayed as it was).
+    cat = result_captions(at)
+    for change in ("remove", "photo"):
+        at = next(b for b in at.button if b.key and b.key.startswith("more_")).click().run()
+        assert any(c.value.startswith("More like the gallery image") for c in at.caption)
+        if change == "remove":
+            at.file_uploader(key="upload").set_value(None)
+            at = upload(at.run(), "cat.png", sketch_bytes(small_dataset, "cat"))
+            assert result_captions(at) == cat
+        else:
+            at = at.toggle(key="photo").set_value(True).run()
+            assert view_captions(at) == []  # the upload itself, as a photo
+        assert not any(c.value.startswith("More like the gallery image") for c in at.caption), change
 
 
 def test_a_rebuild_with_another_model_is_served_with_that_model(
@@ -272,13 +287,26 @@ def test_image_over_the_pixel_limit_shows_error(monkeypatch, small_index, small_
     assert_no_results(at)
 
 
-def test_blank_upload_gets_the_hint_not_a_prediction(monkeypatch, small_index):
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), "white").save(buffer, format="PNG")
-    at = upload(page(monkeypatch, index_dir=small_index), "blank.png", buffer.getvalue())
-    assert not at.error
-    assert any(info.value.startswith("Draw a sketch on the canvas or upload") for info in at.info)
-    assert_no_results(at)
+def test_blank_or_too_light_upload_says_why_and_gets_the_hint(monkeypatch, small_index):
+    """An upload with no drawing the engine can find is named with the engine's reason (before, a
+    yellow drawing got only the hint, as if nothing had been uploaded), and the hint follows."""
+    blank, yellow = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(blank, format="PNG")
+    drawn = Image.new("RGB", (300, 300), "white")
+    ImageDraw.Draw(drawn).line([(40, 150), (260, 150), (150, 40)], fill=(255, 255, 0), width=6)
+    drawn.save(yellow, format="PNG")
+    at = page(monkeypatch, index_dir=small_index)
+    for name, data, reason in (
+        ("blank.png", blank, "the sketch is empty (no ink found)"),
+        ("yellow.png", yellow, "its marks are all too light to tell from paper"),
+    ):
+        at = upload(at, name, data.getvalue())
+        assert not at.error
+        assert [w.value for w in at.warning if reason in w.value][0].startswith(
+            f"Cannot use the uploaded file {name}: "
+        )
+        assert any(info.value.startswith("Draw a sketch on the canvas or upload") for info in at.info)
+        assert_no_results(at)
 
 
 # -- pieces of the page without an index -------------------------------------------------------------
@@ -327,6 +355,48 @@ def _render(app_path: str, gallery: str, k: int) -> None:
         timings_ms={"total": 12.4},
     )
     app.render_result(result, lambda n: Path(gallery) / n.path, k)
+
+
+def _render_files(app_path: str, gallery: str, names: list[str]) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    from sbir_engine.engine import Neighbour, QueryResult
+
+    spec = importlib.util.spec_from_file_location("sbir_ui_app", app_path)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    neighbours = [Neighbour(i, f"cat/{name}", "cat", 0.9 - i / 10) for i, name in enumerate(names)]
+    result = QueryResult("cat", {"cat": 1.0}, neighbours, {"total": 1.0})
+    app.render_result(result, lambda n: Path(gallery) / n.path, len(names))
+
+
+def test_result_images_are_thumbnails_decoded_as_the_engine_does(tmp_path):
+    """16-bit and float images (which the engine indexes) are shown, a portrait phone photo upright,
+    big photos as small thumbnails, and a file damaged since the build gets a warning in its own
+    cell. Before, Streamlit re-encoded each file: the 16-bit PNG stopped the page (cannot write mode
+    I;16 as JPEG) with every result after it, and a resized photo lost its EXIF turn."""
+    folder = tmp_path / "cat"
+    folder.mkdir()
+    gradient = np.linspace(0, 65535, 64 * 96, dtype=np.uint16).reshape(64, 96)
+    Image.fromarray(gradient).save(folder / "16bit.png")
+    Image.fromarray(gradient.astype(np.float32) / 65535, mode="F").save(folder / "float.tif")
+    landscape = Image.new("RGB", (1600, 1200), "white")
+    exif = landscape.getexif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view: a portrait photo stored sideways
+    landscape.save(folder / "portrait.jpg", exif=exif.tobytes())
+    good = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(good, format="PNG")
+    (folder / "damaged.png").write_bytes(good.getvalue()[:40])
+    names = ["16bit.png", "float.tif", "damaged.png", "portrait.jpg"]
+    at = AppTest.from_function(_render_files, args=(str(APP), str(tmp_path), names), default_timeout=TIMEOUT)
+    at = at.run()
+    assert not at.exception
+    assert result_captions(at) == ["cat · 0.900", "cat · 0.800", "cat · 0.600"]
+    assert len(at.warning) == 1 and "gallery file cat/damaged.png cannot be shown (" in at.warning[0].value
+    app = load_app_module()
+    shown = Image.open(io.BytesIO(app.thumbnail(str(folder / "portrait.jpg"), 0, 0)))
+    assert shown.size == (app.THUMBNAIL * 3 // 4, app.THUMBNAIL)  # upright, and small
 
 
 def test_render_result_marks_missing_files_and_short_lists(tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import io
 import math
 import os
 import sys
@@ -33,7 +34,7 @@ if importlib.util.find_spec("sbir_engine") is None:  # run from a checkout witho
 
 from sbir_engine.config import IMAGE_EXTENSIONS, EngineConfig  # noqa: E402
 from sbir_engine.engine import ModelMismatchError, Neighbour, QueryResult, SketchEngine  # noqa: E402
-from sbir_engine.images import EmptySketchError, ImageError  # noqa: E402
+from sbir_engine.images import EmptySketchError, ImageError, composite_on_white, open_image  # noqa: E402
 from sbir_engine.index import IndexFormatError  # noqa: E402
 
 try:  # the page still takes uploads where the canvas component cannot load
@@ -48,6 +49,10 @@ GRID_COLUMNS = 5
 TOP_CLASSES = 5
 VIEW_CAPTION = "What the model sees"
 VIEW_ZOOM = 4  # the 28 px sketch shown at 112 px, its pixels kept square
+# Result images are shown as thumbnails this many pixels across (a grid cell, twice over for HiDPI
+# screens), decoded as the engine decodes them: a 12 MP photo re-encoded on every rerun cost 165 ms,
+# a 16-bit PNG stopped the page, and a portrait photo lost its EXIF turn in Streamlit's resize.
+THUMBNAIL = 480
 HINT = "Draw a sketch on the canvas or upload a sketch image to see its class and the nearest gallery images."
 # Session state: the gallery image whose "More like this" was pressed, and the query it was pressed
 # under; a new drawing or upload is a new query and drops it.
@@ -229,9 +234,7 @@ def render_result(
                     if neighbour.duplicates:  # the same file elsewhere in the gallery: shown once
                         copies = len(neighbour.duplicates)
                         caption += f" · {copies} more cop{'y' if copies == 1 else 'ies'} in the gallery"
-                    path = resolve(neighbour)
-                    if path.is_file():
-                        st.image(str(path), caption=caption, width="stretch")
+                    if show_result_image(resolve(neighbour), caption, neighbour.path):
                         st.caption(f"`{Path(neighbour.path).name}`")  # which file: to find it again
                         st.button(
                             "More like this",
@@ -240,8 +243,34 @@ def render_result(
                             args=(neighbour.path,),
                             help="Gallery images like this one (it is the query, embedded as the build did).",
                         )
-                    else:
-                        st.warning(f"{caption}: gallery file {neighbour.path} is missing")
+
+
+def show_result_image(path: Path, caption: str, entry: str) -> bool:
+    """One result's thumbnail; a file gone, or changed into something unreadable since the build,
+    gets a warning in its cell instead, and the other results are shown as ever."""
+    if not path.is_file():
+        st.warning(f"{caption}: gallery file {entry} is missing")
+        return False
+    try:
+        info = path.stat()
+        data = thumbnail(str(path), info.st_mtime_ns, info.st_size)
+    except (OSError, ImageError) as err:
+        reason = err.reason if isinstance(err, ImageError) else err.strerror or str(err)
+        st.warning(f"{caption}: gallery file {entry} cannot be shown ({one_line(reason)})")
+        return False
+    st.image(data, caption=caption, width="stretch")
+    return True
+
+
+@st.cache_data(max_entries=512, show_spinner=False)
+def thumbnail(path: str, modified_ns: int, file_size: int) -> bytes:
+    """A gallery image as a JPEG thumbnail, upright, on white; cached per version of the file (its
+    modification time and size are part of the key)."""
+    image = composite_on_white(open_image(path))
+    image.thumbnail((THUMBNAIL, THUMBNAIL), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=88)
+    return buffer.getvalue()
 
 
 def choose_more_like(path: str) -> None:
@@ -259,7 +288,9 @@ def run_query(
 ) -> None:
     try:
         result = engine.query(source, k=k, same_class=same_class, photo=photo)
-    except EmptySketchError:
+    except EmptySketchError as err:
+        if not isinstance(source, np.ndarray):  # an upload: why it has no drawing (too light, blank)
+            st.warning(f"Cannot use {name}: {one_line(err.reason)}")
         st.info(HINT)
     except ImageError as err:
         st.error(f"Cannot use {name}: {one_line(err.reason)}")
@@ -290,10 +321,13 @@ def main() -> None:
     )
     source, name, photo = sketch_inputs(engine, stroke_width)
     st.divider()
-    if source is None:
+    if source is None:  # nothing to query: a "More like this" chosen before does not come back later
+        st.session_state.pop(MORE_LIKE, None)
+        st.session_state.pop(QUERY_SIGNATURE, None)
         st.info(HINT)
         return
-    signature = st.session_state[QUERY_SIGNATURE] = signature_of(source)
+    # The photo switch is part of the query: flipping it drops a "More like this" too.
+    signature = st.session_state[QUERY_SIGNATURE] = f"{signature_of(source)}:{photo}"
     chosen = st.session_state.get(MORE_LIKE)
     if chosen is None or chosen[1] != signature:
         st.session_state.pop(MORE_LIKE, None)
