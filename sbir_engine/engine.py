@@ -289,7 +289,7 @@ def unknown_labels_note(index: GalleryIndex, labels: list[str], vector: np.ndarr
     """A note naming the labels that no image of the index has (a typo would just give no neighbours),
     with the labels it has, as ``sbir-engine query --label`` prints it; None when all are known."""
     if isinstance(index, GalleryIndex):  # its label → ids map, cached: no search
-        missing = [name for name in labels if not len(index._ids_with_label(name))]
+        missing = [name for name in labels if not len(index.ids_with_label(name))]
     else:  # another VectorStore (Milvus): a filtered one-result search finds an image of the label if any
         missing = [name for name in labels if index.search(vector[None], 1, [name])[1][0, 0] < 0]
     if not missing:

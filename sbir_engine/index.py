@@ -242,7 +242,7 @@ class GalleryIndex:
         params = None
         if labels is not None:
             allowed = np.concatenate(  # each label once: ids of distinct labels are distinct
-                [self._ids_with_label(label) for label in dict.fromkeys(labels)] or [np.zeros(0, np.int64)]
+                [self.ids_with_label(label) for label in dict.fromkeys(labels)] or [np.zeros(0, np.int64)]
             )
             params = self._search_parameters(faiss.IDSelectorBatch(allowed))
         scores, ids = _search_threads(self.index, queries, depth, params)
@@ -356,7 +356,8 @@ class GalleryIndex:
         self.stale = False
         return "rebuilt"
 
-    def _ids_with_label(self, label: str) -> np.ndarray:
+    def ids_with_label(self, label: str) -> np.ndarray:
+        """The ids of the entries with this label (none for a label the index does not hold); cached."""
         if label not in self._label_ids:
             self._label_ids[label] = np.array(
                 [e.id for e in self.entries.values() if e.label == label], np.int64

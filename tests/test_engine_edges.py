@@ -96,7 +96,7 @@ def test_a_label_filter_on_an_ivf_index_finds_every_match(
     quantizer = faiss.downcast_index(ivf.index.index.index).quantizer
     probed = quantizer.search(query, 1)[1][0, 0]  # the one list nprobe = 1 searches
     for label in ("airplane", "cup", "fish"):
-        ids = ivf.index._ids_with_label(label)
+        ids = ivf.index.ids_with_label(label)
         # Some of the label's images lie in lists the query does not probe (all of them, mostly).
         lists = quantizer.search(ivf.index.vectors[ivf.index._rows_of(ids)], 1)[1]
         assert (lists != probed).any()
