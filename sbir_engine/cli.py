@@ -73,7 +73,7 @@ def build_index_command(
     ] = DEFAULTS.index_dir,
     index_type: Annotated[str, typer.Option(help="FAISS factory string; default: chosen by size.")] = "",
     max_memory: Annotated[
-        float, typer.Option(help="Memory budget for the index in GiB (default: 1/4 of RAM).")
+        float, typer.Option(min=0, help="Memory budget for the index in GiB (default: 1/4 of RAM).")
     ] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     full: Annotated[bool, typer.Option("--full", help="Re-embed everything.")] = False,
@@ -260,6 +260,16 @@ def prepare_data_command(
     typer.echo(f"wrote {out}")
 
 
+def check_out_folder(out: Path) -> None:
+    """Refuse at once an --out that a long run could not write into at its end (a file, or under a
+    file or an unwritable folder), rather than after minutes of caching and training."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file, not a folder")
+    parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"--out {out} cannot be written: {parent} is not a folder this user can write to")
+
+
 @app.command()
 def pretrain(
     data: Annotated[Path, typer.Option(help="Prepared dataset folder.")] = DEFAULTS.data_dir,
@@ -288,6 +298,7 @@ def pretrain(
     """Adapt the backbone's top blocks to drawings: all QuickDraw categories, before `train`."""
     from .pretrain import WEIGHTS_FILE, pretrain_backbone
 
+    check_out_folder(out)
     try:
         config = DEFAULTS.replace(
             backbone=backbone,
@@ -318,9 +329,9 @@ def train(
         int, typer.Option(min=1, help="Maximum epochs (early stopping on val accuracy).")
     ] = DEFAULTS.epochs,
     fine_tune: Annotated[
-        int, typer.Option(help="Unfreeze this many top backbone blocks after the head.")
+        int, typer.Option(min=0, help="Unfreeze this many top backbone blocks after the head.")
     ] = 0,
-    fine_tune_epochs: Annotated[int, typer.Option(help="Epochs of fine-tuning.")] = 3,
+    fine_tune_epochs: Annotated[int, typer.Option(min=1, help="Epochs of fine-tuning.")] = 3,
     seed: Annotated[int, typer.Option(help="Random seed.")] = DEFAULTS.seed,
     contrastive_weight: Annotated[
         float, typer.Option(help="Weight of the supervised contrastive term on the 512-d layer (0 = off).")
@@ -383,6 +394,7 @@ def train(
     if sketch_views is not None and not augment:
         # Silently ignoring it would let a user believe a --no-augment run used N views.
         fail("--sketch-views counts augmented views, and --no-augment trains on none: give one or the other")
+    check_out_folder(out)
     try:
         config = DEFAULTS.replace(
             backbone=backbone,

