@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .config import EngineConfig
+from .config import IMAGE_EXTENSIONS, EngineConfig
 from .embed import Embedder, check_batch_size, embed_images
 from .gallery import (
     NOT_UTF8,
@@ -384,6 +384,9 @@ def _scan(
     would otherwise embed drawings as photos without a word.
     """
     scan = walk_gallery(gallery)
+    if not scan.files and not scan.unlisted:  # an empty index is no error, but rarely what was meant
+        kinds = ", ".join(IMAGE_EXTENSIONS)
+        report.notes.append(f"the gallery {shown(gallery)} holds no image files ({kinds}), at any depth")
     for folder, reason in scan.unlisted:
         where = shown(folder or gallery)
         report.failed.append((where, f"folder cannot be listed ({reason}){fate}"))

@@ -228,7 +228,7 @@ def prepare_data_command(
     classes: Annotated[
         str,
         typer.Option(
-            help="Comma-separated classes [default: the 13 default ones; with --sketches, its folders]."
+            help="Comma-separated classes (default: the 13 default ones; with --sketches, its folders)."
         ),
     ] = "",
     seed: Annotated[int, typer.Option(help="Split seed.")] = DEFAULTS.seed,
@@ -238,6 +238,8 @@ def prepare_data_command(
 
     try:
         names = tuple(c.strip() for c in classes.split(",") if c.strip())
+        if classes.strip() and not names:  # ",,," is a slip, not a request for the defaults
+            fail(f"--classes {classes!r} names no class")
         if not names:
             own_classes = sketches is not None and not with_quickdraw
             names = sketch_folder_classes(sketches) if own_classes else DEFAULT_CLASSES
@@ -485,10 +487,14 @@ def ui(
 
 
 def _index_errors():
-    """_errors() plus the Milvus backend's (pymilvus missing, a bad URI)."""
+    """_errors() plus the Milvus backend's (pymilvus missing, a bad URI, the server's refusals)."""
     from .milvus import MilvusUnavailable
 
-    return (*_errors(), MilvusUnavailable)
+    try:
+        from pymilvus.exceptions import MilvusException
+    except ImportError:  # without pymilvus no Milvus call is made: MilvusUnavailable says why
+        return (*_errors(), MilvusUnavailable)
+    return (*_errors(), MilvusUnavailable, MilvusException)
 
 
 def _target(backend: str, index: Path, uri: str, collection: str, index_type: str = "", keep_type=False):
@@ -654,3 +660,7 @@ app.add_typer(index_app, name="index")
 
 def main() -> None:  # pragma: no cover - entry point
     app()
+
+
+if __name__ == "__main__":  # python -m sbir_engine.cli
+    main()

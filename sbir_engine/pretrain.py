@@ -59,6 +59,7 @@ def pretrain_backbone(
     """
     started = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    load_split(data_dir, "train", ())  # not a prepared dataset: its DataError says what to run
     dataset = json.loads((data_dir / "dataset.json").read_text())
     config = (config or EngineConfig()).replace(classes=tuple(dataset["classes"]))
     keras.utils.set_random_seed(config.seed)

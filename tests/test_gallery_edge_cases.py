@@ -141,6 +141,9 @@ def test_hidden_files_and_folders_are_not_the_collection(photos, small_run, embe
     assert "is hidden" in added.failed[0][1]
     with pytest.raises(ValueError, match="is hidden"):
         add_files(tmp_path / "index", [photos["cup"][5]], label=".thumbs", embedder=embedder)
+    # A gallery of nothing but such files builds an empty index, and says why it is empty.
+    empty = build_index(small_run, gallery / "__MACOSX", tmp_path / "empty", embedder=embedder)
+    assert empty.total == 0 and any("holds no image files" in note for note in empty.notes)
 
 
 def unlistable(monkeypatch, folder: Path) -> None:

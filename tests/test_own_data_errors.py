@@ -109,6 +109,10 @@ def test_train_options_and_data_that_cannot_work_are_one_line_errors(tmp_path, t
     result = runner.invoke(app, args)
     assert result.exit_code == 1 and result.output.strip().splitlines() == [f"error: {not_prepared}"]
     assert not (tmp_path / "run").exists()
+    result = runner.invoke(app, ["pretrain", "--data", str(raw), "--out", str(tmp_path / "pre")])
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [f"error: {not_prepared}"]
+    result = runner.invoke(app, ["prepare-data", "--classes", ",,,", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 1 and "error: --classes ',,,' names no class" in result.output
     # An --out a run could not write into at its end is refused at once (before: a traceback after
     # the features were cached, or, for pretrain, after every epoch).
     (tmp_path / "afile").write_text("x")
