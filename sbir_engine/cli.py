@@ -447,7 +447,7 @@ def evaluate(
 ) -> None:
     """Sketch accuracy and retrieval quality (mAP@all, P@10, P@100) against an index."""
     from .evaluate import evaluate as run_evaluation
-    from .evaluate import format_report
+    from .evaluate import format_report, report_json
     from .metrics import compare_queries, format_comparison, paired_queries
 
     comparison = None
@@ -465,7 +465,9 @@ def evaluate(
         except ValueError as err:
             fail(f"--against {against}: {err}")
     if as_json:
-        typer.echo(json.dumps(report | ({"against": comparison} if against else {}), indent=2))
+        if report.get("retrieval_skipped"):
+            typer.echo(f"note: retrieval not measured: {report['retrieval_skipped']}", err=True)
+        typer.echo(report_json(report | ({"against": comparison} if against else {})))
         return
     typer.echo(format_report(report))
     if comparison:
@@ -475,15 +477,30 @@ def evaluate(
 @app.command()
 def ui(
     index: IndexDir = DEFAULTS.index_dir,
-    port: Annotated[int, typer.Option(help="Port for the page.")] = 8501,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port for the page.")] = 8501,
     headless: Annotated[bool, typer.Option(help="Do not open a browser.")] = True,
 ) -> None:
     """Serve the Streamlit page (draw or upload a sketch)."""
+    from .index import IndexFormatError, check_meta, current_version
+
+    try:  # a wrong --index is said here, not only in the browser; the metadata alone: no model loads
+        version = current_version(index)
+        check_meta(json.loads((version / "index.json").read_text(encoding="utf-8")), str(index))
+    except IndexFormatError as err:
+        fail(str(err))
+    except (OSError, ValueError) as err:
+        fail(f"{index}: its metadata (index.json) cannot be read ({err})")
     app_file = Path(__file__).resolve().parents[1] / "ui" / "app.py"
     command = [sys.executable, "-m", "streamlit", "run", str(app_file), "--server.port", str(port)]
     command += ["--server.headless", str(headless).lower(), "--browser.gatherUsageStats", "false"]
     command += ["--", "--index", str(index)]
-    raise typer.Exit(subprocess.call(command))
+    if os.name != "posix":  # no exec there: the page runs as a child process
+        raise typer.Exit(subprocess.call(command))
+    # Streamlit replaces this process, so a SIGTERM or SIGINT sent to `sbir-engine ui` (a service
+    # manager, a script's `kill $!`) stops the server itself instead of orphaning it on the port.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)
 
 
 def _index_errors():

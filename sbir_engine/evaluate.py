@@ -36,6 +36,11 @@ from .metrics import (
     wilson_interval,
 )
 
+RETRIEVAL_SKIPPED = (
+    "the gallery has no labels (a flat folder, not <class>/<image>): mAP@all, P@10 and P@100 "
+    "need each gallery image's class"
+)
+
 
 def evaluate(
     index_dir: Path,
@@ -47,6 +52,10 @@ def evaluate(
     quickdraw: Path | None = None,
 ) -> dict:
     engine = engine or SketchEngine.load(index_dir)
+    if len(engine.index) == 0:  # nothing to rank: every retrieval figure would be NaN
+        raise DataError(
+            f"the index {index_dir} holds no gallery images to rank; build it from a gallery with images"
+        )
     files = [f for f in scan_gallery(queries) if f.label is not None]
     if not files:
         raise FileNotFoundError(f"no labelled query sketches under {queries} (expected <class>/<image>)")
@@ -76,7 +85,7 @@ def evaluate(
     known = np.array([label in classes for label in labels])
     label_ids = np.array([classes.index(label) if label in classes else -1 for label in labels])
 
-    report: dict = {"queries": len(labels), "skipped": unreadable}
+    report: dict = {"queries": len(labels), "gallery": len(engine.index), "skipped": unreadable}
     # Queries of classes the model does not know: no class to hit, so top-1/top-3 leave them out.
     unknown = [label for label in labels if label not in classes]
     report["unknown_classes"] = {label: unknown.count(label) for label in sorted(set(unknown))}
@@ -94,12 +103,19 @@ def evaluate(
     weight = engine.config.rerank_weight if rerank_weight is None else rerank_weight
     fused = fused_scores(cosine.T, probabilities.T, gallery.probabilities, weight).T
     per_query: dict[str, dict] = {}
+    labelled = any(label is not None for label in gallery_labels)
+    if not labelled:
+        report["retrieval_skipped"] = RETRIEVAL_SKIPPED
     for name, scores in (("retrieval", fused), ("embedding_retrieval", cosine)):
+        if not labelled:  # every AP would be 0: a figure that says nothing about the model
+            report[name], per_query[name] = None, {"AP": [None] * len(labels)}
+            continue
         report[name] = retrieval_metrics(scores, labels, gallery_labels)
         per_query[name] = report[name].pop("per_query")
         for metric, values in (("mAP@all", per_query[name]["AP"]), ("P@10", per_query[name]["P@10"])):
             report[name][f"{metric}_ci95"] = list(bootstrap_interval(values))
-    report["retrieval"]["rerank_weight"] = weight
+    if labelled:
+        report["retrieval"]["rerank_weight"] = weight
     # Per query, so that two models scored on the same queries can be compared pair by pair
     # (compare_queries, `evaluate --against`): the true class's rank among the classes, and its APs.
     report["per_query"] = [
@@ -122,7 +138,7 @@ def evaluate(
     scores = cosine  # hubs are a property of the 512-d space itself
     report["hubs"] = {
         q: {"class": c, "share_of_top10": s}
-        for q, (c, s) in hub_share(scores, labels, gallery_labels).items()
+        for q, (c, s) in (hub_share(scores, labels, gallery_labels) if labelled else {}).items()
     }
     if canvas_strokes is not None:
         report["canvas"] = evaluate_canvas(
@@ -135,8 +151,24 @@ def evaluate(
         plot_confusion(matrix, classes, out / "confusion.png", f"sketch queries: {queries}")
         if report["top3_misses"]:
             contact_sheet(report["top3_misses"], out / "top3-misses.png")
-        (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "evaluation.json").write_text(report_json(report) + "\n")
     return report
+
+
+def report_json(report: dict) -> str:
+    """The report as strict JSON: a figure that could not be measured (NaN) is null, not the bare
+    NaN token that JSON parsers other than Python's reject."""
+
+    def finite(value):
+        if isinstance(value, float) and not np.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(report), indent=2, allow_nan=False)
 
 
 def top3_misses(
@@ -181,15 +213,20 @@ def format_report(report: dict) -> str:
         return f"{label} {numbers[name]:.3f} [{low:.3f}, {high:.3f}]"
 
     lines = [
-        f"queries {report['queries']}, gallery {r['gallery']} (95 % intervals in brackets)",
+        f"queries {report['queries']}, gallery {report['gallery']} (95 % intervals in brackets)",
         f"sketch classification  {figure(c, 'top1', 'top-1')}  {figure(c, 'top3', 'top-3')}",
-        f"retrieval (engine)     {figure(r, 'mAP@all', 'mAP@all')}  {figure(r, 'P@10', 'P@10')}"
-        f"  P@100 {r['P@100']:.3f}  (class re-ranking weight {r['rerank_weight']})",
-        f"retrieval (512-d only) {figure(e, 'mAP@all', 'mAP@all')}  {figure(e, 'P@10', 'P@10')}"
-        f"  P@100 {e['P@100']:.3f}",
-        "per class (engine)     mAP@all  P@10   worst other class in the 512-d top-10",
     ]
-    for label, numbers in r["per_class"].items():
+    if r is None:
+        lines.append(f"retrieval not measured: {report['retrieval_skipped']}")
+    else:
+        lines += [
+            f"retrieval (engine)     {figure(r, 'mAP@all', 'mAP@all')}  {figure(r, 'P@10', 'P@10')}"
+            f"  P@100 {r['P@100']:.3f}  (class re-ranking weight {r['rerank_weight']})",
+            f"retrieval (512-d only) {figure(e, 'mAP@all', 'mAP@all')}  {figure(e, 'P@10', 'P@10')}"
+            f"  P@100 {e['P@100']:.3f}",
+            "per class (engine)     mAP@all  P@10   worst other class in the 512-d top-10",
+        ]
+    for label, numbers in (r or {}).get("per_class", {}).items():
         hub = report["hubs"].get(label, {})
         lines.append(
             f"  {label:20s} {numbers['mAP@all']:.3f}   {numbers['P@10']:.3f}  "

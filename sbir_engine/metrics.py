@@ -119,14 +119,15 @@ def retrieval_metrics(
 
 
 def hub_share(scores: np.ndarray, query_labels: Sequence[str], gallery_labels: Sequence[str], k: int = 10):
-    """For each query class, the largest share of its top-k taken by photos of one *other* class."""
+    """For each query class, the largest share of its top-k taken by photos of one *other* class
+    (an unlabelled photo is of no class)."""
     gallery = np.asarray(gallery_labels)
     queries = np.asarray(query_labels)
     top = gallery[np.argsort(-scores, axis=1, kind="stable")[:, :k]]
     worst = {}
     for label in sorted(set(queries.tolist())):
         neighbours = top[queries == label].ravel()
-        others = neighbours[neighbours != label]
+        others = np.array([n for n in neighbours.tolist() if n is not None and n != label])
         if len(others) == 0:
             worst[label] = ("-", 0.0)
             continue
@@ -205,6 +206,8 @@ def compare_queries(baseline: list[dict], candidate: list[dict]) -> dict:
         only_a, only_b = int(np.sum(hit_a & ~hit_b)), int(np.sum(hit_b & ~hit_a))
         result[f"top-{k}"] = (hit_a.mean(), hit_b.mean(), only_a, only_b, mcnemar_exact(only_a, only_b))
     for name in ("AP", "AP 512-d"):
+        if any(q[name] is None for q in (*baseline, *candidate)):  # a gallery without labels: not measured
+            continue
         gain = np.array([b[name] - a[name] for a, b in zip(baseline, candidate, strict=True)])
         result[name] = (gain.mean(), *bootstrap_interval(gain))
     return result
@@ -219,6 +222,9 @@ def format_comparison(title: str, result: dict) -> str:
             f"only the candidate {only_b:3d}  McNemar p = {p:.3f}"
         )
     for name in ("AP", "AP 512-d"):
+        if name not in result:
+            lines.append(f"  {name:8s} not measured: a gallery has no labels")
+            continue
         mean, low, high = result[name]
         lines.append(f"  {name:8s} mean gain {mean:+.4f}  95 % interval [{low:+.4f}, {high:+.4f}]")
     return "\n".join(lines)

@@ -42,6 +42,15 @@ MAX_TOP_K = 16_384  # Milvus's limit on limit (+ offset) of one search or query
 BATCH = 2_000  # rows per insert / upsert: ~5 MB of 512-d vectors, well under gRPC's message limit
 CACHE_SIZE = 100_000  # entries kept from search results for the engine's lookups
 _FIELDS = ["path", "label", "sha256", "size"]
+# Index types of a float vector field: Milvus Lite builds only the first six, a server all of them.
+# Milvus accepts any name when the collection is made and fails only when it loads it, so an
+# unknown one would leave a collection no later command can open: names are checked up front.
+LITE_INDEX_TYPES = ("FLAT", "IVF_FLAT", "IVF_SQ8", "HNSW", "HNSW_SQ", "AUTOINDEX")
+SERVER_INDEX_TYPES = (
+    *LITE_INDEX_TYPES,
+    *("IVF_PQ", "IVF_RABITQ", "HNSW_PQ", "HNSW_PRQ", "SCANN", "DISKANN"),
+    *("GPU_BRUTE_FORCE", "GPU_IVF_FLAT", "GPU_IVF_PQ", "GPU_CAGRA"),
+)
 
 
 class MilvusUnavailable(RuntimeError):
@@ -50,6 +59,22 @@ class MilvusUnavailable(RuntimeError):
 
 def is_lite(uri: str) -> bool:
     return "://" not in str(uri)
+
+
+def check_index_type(index_type: str | None, uri: str) -> str:
+    """The Milvus index type to build (upper-case; the default when None or ""), or a ValueError
+    naming the ones the backend at ``uri`` accepts."""
+    lite = is_lite(uri)
+    if not index_type:
+        return "FLAT" if lite else "AUTOINDEX"
+    accepted = LITE_INDEX_TYPES if lite else SERVER_INDEX_TYPES
+    if index_type.strip().upper() not in accepted:
+        where = "Milvus Lite (a .db file)" if lite else "a Milvus server"
+        raise ValueError(
+            f"--index-type {index_type!r} is not a Milvus index type; {where} accepts "
+            f"{', '.join(accepted)} (FAISS factory strings such as HNSW32,Flat are for --backend faiss)"
+        )
+    return index_type.strip().upper()
 
 
 def connect(uri: str):
@@ -61,6 +86,10 @@ def connect(uri: str):
             "the Milvus backend needs pymilvus (and milvus-lite for a local file): "
             "pip install 'sbir-engine[milvus]'"
         ) from err
+    # Every failed call raises a MilvusException to its caller; pymilvus (and Milvus Lite's
+    # in-process server) also log it with a traceback, which would bury the one-line error.
+    for name in ("pymilvus.decorators", "milvus_lite.adapter.grpc.servicer"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     uri = str(uri)
     if is_lite(uri):
         if not uri.endswith(".db"):
@@ -116,6 +145,14 @@ class MilvusStore:
         except ValueError as err:
             raise IndexFormatError(f"{uri}: collection {collection!r} has damaged metadata ({err})") from err
         check_meta(meta, f"{uri}: collection {collection!r}")
+        factory = str(meta.get("factory", "AUTOINDEX"))
+        try:  # one written before index types were checked cannot load: build-index replaces it
+            check_index_type(factory, uri)
+        except ValueError as err:
+            raise IndexFormatError(
+                f"{uri}: collection {collection!r} has the index type {factory!r}, which Milvus cannot "
+                "load; `sbir-engine build-index --backend milvus` rebuilds it"
+            ) from err
         client.load_collection(collection)
         return cls(client, uri, collection, meta)
 
@@ -133,10 +170,10 @@ class MilvusStore:
         """A new, empty collection (an existing one of that name is dropped)."""
         from pymilvus import DataType, MilvusClient
 
+        index_type = check_index_type(index_type, uri)  # before the old collection is dropped
         client = client or connect(uri)
         if client.has_collection(collection):
             client.drop_collection(collection)
-        index_type = index_type or ("FLAT" if is_lite(uri) else "AUTOINDEX")
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
@@ -406,7 +443,8 @@ class MilvusTarget:
     def __init__(self, uri: str, collection: str = DEFAULT_COLLECTION, index_type: str | None = None):
         self.uri = str(uri)
         self.collection = collection
-        self.index_type = index_type
+        # Checked here, so that build-index refuses a wrong one before anything is embedded.
+        self.index_type = check_index_type(index_type, self.uri) if index_type else None
         self._client = None
 
     @property
@@ -474,6 +512,7 @@ def export_to_milvus(
     """Copy a FAISS index folder (vectors, probabilities, manifest, ids) into a new collection."""
     from .engine import resolve_model_dir
 
+    index_type = check_index_type(index_type, uri)  # before anything is read or written
     index = GalleryIndex.load(index_dir)
     client = connect(uri)
     if client.has_collection(collection) and not overwrite:
