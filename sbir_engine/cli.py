@@ -507,11 +507,10 @@ def _index_errors():
     """_errors() plus the Milvus backend's (pymilvus missing, a bad URI, the server's refusals)."""
     from .milvus import MilvusUnavailable
 
-    try:
-        from pymilvus.exceptions import MilvusException
-    except ImportError:  # without pymilvus no Milvus call is made: MilvusUnavailable says why
-        return (*_errors(), MilvusUnavailable)
-    return (*_errors(), MilvusUnavailable, MilvusException)
+    # Only where a Milvus call was made is pymilvus imported: importing it here for a FAISS query
+    # would cost its import time and bind its logging to whatever stderr is then (a test runner's).
+    milvus = sys.modules.get("pymilvus.exceptions")
+    return (*_errors(), MilvusUnavailable, *((milvus.MilvusException,) if milvus else ()))
 
 
 def _target(backend: str, index: Path, uri: str, collection: str, index_type: str = "", keep_type=False):
