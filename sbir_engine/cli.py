@@ -481,15 +481,12 @@ def ui(
     headless: Annotated[bool, typer.Option(help="Do not open a browser.")] = True,
 ) -> None:
     """Serve the Streamlit page (draw or upload a sketch)."""
-    from .index import IndexFormatError, check_meta, current_version
+    from .index import IndexFormatError, current_version, read_meta
 
     try:  # a wrong --index is said here, not only in the browser; the metadata alone: no model loads
-        version = current_version(index)
-        check_meta(json.loads((version / "index.json").read_text(encoding="utf-8")), str(index))
+        read_meta(index, current_version(index))
     except IndexFormatError as err:
         fail(str(err))
-    except (OSError, ValueError) as err:
-        fail(f"{index}: its metadata (index.json) cannot be read ({err})")
     app_file = Path(__file__).resolve().parents[1] / "ui" / "app.py"
     command = [sys.executable, "-m", "streamlit", "run", str(app_file), "--server.port", str(port)]
     command += ["--server.headless", str(headless).lower(), "--browser.gatherUsageStats", "false"]

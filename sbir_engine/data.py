@@ -425,13 +425,20 @@ def write_demo_gallery(data_dir: Path) -> Path:
     return gallery
 
 
-def load_split(data_dir: Path, split: str, domains: tuple[str, ...] = DOMAINS) -> list[Sample]:
-    """The samples of one split, for the given domains, in a stable order."""
-    data_dir = Path(data_dir)
-    if not (data_dir / "dataset.json").is_file():
+def read_dataset(data_dir: Path) -> dict:
+    """A prepared dataset's summary (``dataset.json``), or a DataError that says what to run."""
+    path = Path(data_dir) / "dataset.json"
+    if not path.is_file():
         raise DataError(
             f"{data_dir} is not a prepared dataset (no dataset.json); run `sbir-engine prepare-data`"
         )
+    return json.loads(path.read_text())
+
+
+def load_split(data_dir: Path, split: str, domains: tuple[str, ...] = DOMAINS) -> list[Sample]:
+    """The samples of one split, for the given domains, in a stable order."""
+    data_dir = Path(data_dir)
+    read_dataset(data_dir)  # not a prepared dataset: say so, rather than find no samples
     samples = []
     for domain in domains:
         root = data_dir / domain / split

@@ -306,9 +306,10 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
     if larger_than_bitmap:
         grey = _darkened(erase_ruled_lines(grey))
     ink = grey < INK_THRESHOLD
-    if larger_than_bitmap and ink.any():
-        ink = _without_grain(ink)
-    if not ink.any():
+    box = None
+    if ink.any():  # None from drawing_box: nothing but grains of the paper or of noise
+        box = drawing_box(ink) if larger_than_bitmap else _box(ink)
+    if box is None:
         if larger_than_bitmap:  # light marks that hold a stroke, not paper's grain
             faint = _grain_end(cv2.GaussianBlur(grey, (3, 3), 0)) is not None
         else:
@@ -320,7 +321,7 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
                 f"{FAINTEST} or darker; yellow on white is lighter): draw in a darker colour",
             )
         raise EmptySketchError(name, "the sketch is empty (no ink found)")
-    top, bottom, left, right = drawing_box(ink) if larger_than_bitmap else _box(ink)
+    top, bottom, left, right = box
     crop = grey[top:bottom, left:right]
     height, width = crop.shape
     side = int(round(max(height, width) * (1 + 2 * SKETCH_MARGIN)))
@@ -364,12 +365,13 @@ def _grain_end(smooth: np.ndarray) -> float | None:
     paper = _quantile(counts, 0.5)
     spread = 1.4826 * _quantile(np.bincount(np.abs(np.arange(256) - paper), weights=counts), 0.5)
     grain = paper - max(4 * spread, 4)
-    return grain if _holds_stroke(_marks(smooth < min(PAPER_WHITE, grain)), smooth.shape) else None
+    return grain if not _specks(_marks(smooth < min(PAPER_WHITE, grain)), smooth.shape).all() else None
 
 
-def _holds_stroke(boxes: np.ndarray, shape: tuple[int, ...]) -> bool:
-    """Whether any of these marks' boxes (left, top, width, height) is longer than a speck."""
-    return bool((boxes[:, 2:4].max(axis=1, initial=0) >= SPECK * max(shape)).any())
+def _specks(boxes: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Which of these marks (boxes: left, top, width, height) are specks: longer side under SPECK of
+    the frame's (``shape``)."""
+    return np.maximum(boxes[:, 2], boxes[:, 3]) < SPECK * max(shape)
 
 
 def _histogram(grey: np.ndarray) -> np.ndarray:
@@ -389,45 +391,39 @@ def _box(ink: np.ndarray) -> tuple[int, int, int, int]:
     return rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
 
 
-def drawing_box(ink: np.ndarray) -> tuple[int, int, int, int]:
+def drawing_box(ink: np.ndarray) -> tuple[int, int, int, int] | None:
     """The box of a drawing's ink (top, bottom, left, right; ends exclusive), less the specks apart
     from it: a grain of dust on a scan or a stray tap on a canvas would otherwise stretch the crop
     and shrink the drawing into a corner of it (a 2 px speck took a scanned cup's likeness to its
     canvas from 0.97 to 0.34). A speck is a mark whose longer side is under SPECK of the frame's; one
-    within that distance of the other marks' box counts as part of the drawing, as do all marks when
-    every one of them is a speck."""
-    left, top, width, height = _marks(ink).T
+    within that distance of the other marks' box counts as part of the drawing. Where every mark is
+    a speck (a dotted drawing, or a blank page's heavy grain), the marks that hold a 2×2 block of
+    ink count (a pen's dot does; grain, whose dark pixels fall independently, almost never does),
+    and None means there are none: the page is blank."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(ink.astype(np.uint8), connectivity=8)
+    left, top, width, height = stats[1:, :4].T
     bottom, right = top + height, left + width
-    reach = SPECK * max(ink.shape)
-    speck = np.maximum(width, height) < reach
-    if speck.all() or not speck.any():
+    speck = _specks(stats[1:], ink.shape)
+    if not speck.any():
         return _box(ink)
-    body = ~speck
-    near = body | (
-        (bottom > top[body].min() - reach)
-        & (top < bottom[body].max() + reach)
-        & (right > left[body].min() - reach)
-        & (left < right[body].max() + reach)
-    )
+    if speck.all():
+        square = np.ones((2, 2), np.uint8)
+        border = {"borderType": cv2.BORDER_CONSTANT, "borderValue": 0}  # outside the frame is paper
+        block = cv2.erode(ink.astype(np.uint8), square, anchor=(0, 0), **border)
+        solid = np.zeros(count, dtype=bool)
+        solid[np.unique(labels[block > 0])] = True
+        near = solid[1:]  # row 0 is the paper
+        if not near.any():
+            return None
+    else:
+        reach, body = SPECK * max(ink.shape), ~speck
+        near = body | (
+            (bottom > top[body].min() - reach)
+            & (top < bottom[body].max() + reach)
+            & (right > left[body].min() - reach)
+            & (left < right[body].max() + reach)
+        )
     return top[near].min(), bottom[near].max(), left[near].min(), right[near].max()
-
-
-def _without_grain(ink: np.ndarray) -> np.ndarray:
-    """The ink less its grains, where every mark is a speck: a blank page with heavy grain (a noisy
-    scan or phone photo) has pixels darker than ink scattered over it, alone or in pairs, which were
-    read as a drawing of specks. A mark that holds a 2×2 block of ink is kept whole (a pen's dot does;
-    grain, whose dark pixels fall independently, almost never does); where any mark is larger than a
-    speck (a stroke), nothing is taken, so drawings with strokes are read as before."""
-    marks = ink.astype(np.uint8)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(marks, connectivity=8)
-    if _holds_stroke(stats[1:], ink.shape):
-        return ink
-    square = np.ones((2, 2), np.uint8)
-    block = cv2.erode(marks, square, anchor=(0, 0), borderType=cv2.BORDER_CONSTANT, borderValue=0)
-    solid = np.zeros(count, dtype=bool)
-    solid[np.unique(labels[block > 0])] = True
-    solid[0] = False  # the paper
-    return solid[labels]
 
 
 def _marks(ink: np.ndarray) -> np.ndarray:

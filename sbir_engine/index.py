@@ -380,12 +380,7 @@ class GalleryIndex:
 
     @classmethod
     def _load_version(cls, index_dir: Path, version: Path) -> GalleryIndex:
-        meta_path = version / "index.json"
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise IndexFormatError(f"{meta_path}: cannot be read ({err})") from err
-        check_meta(meta, str(index_dir))
+        meta = read_meta(index_dir, version)
         try:
             index = faiss.read_index(str(version / "index.faiss"))
             vectors = np.load(version / "vectors.npy", allow_pickle=False, mmap_mode="r")
@@ -482,6 +477,17 @@ def _read_pointer(index_dir: Path) -> str | None:
         return (Path(index_dir) / CURRENT).read_text().strip() or None
     except OSError:
         return None
+
+
+def read_meta(index_dir: Path, version: Path) -> dict:
+    """A version's metadata (``index.json``), checked: a damaged one is an :class:`IndexFormatError`."""
+    meta_path = version / "index.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise IndexFormatError(f"{meta_path}: cannot be read ({err})") from err
+    check_meta(meta, str(index_dir))
+    return meta
 
 
 def current_version(index_dir: Path) -> Path:

@@ -26,7 +26,14 @@ import numpy as np
 
 from .backbones import WeightMean, build_backbone, layer_weights, save_npz_weights, unfreeze_top
 from .config import EngineConfig
-from .data import Sample, dataset_quickdraw, load_split, quickdraw_categories, read_quickdraw_bitmaps
+from .data import (
+    Sample,
+    dataset_quickdraw,
+    load_split,
+    quickdraw_categories,
+    read_dataset,
+    read_quickdraw_bitmaps,
+)
 from .embed import progress_bar, read_batches
 from .images import EmptySketchError, load_rgb, normalize_sketch, resize_to_array
 from .train import RandomStrokeWidth, cap_per_class, make_augmenter
@@ -59,8 +66,7 @@ def pretrain_backbone(
     """
     started = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    load_split(data_dir, "train", ())  # not a prepared dataset: its DataError says what to run
-    dataset = json.loads((data_dir / "dataset.json").read_text())
+    dataset = read_dataset(data_dir)  # not a prepared dataset: its DataError says what to run
     config = (config or EngineConfig()).replace(classes=tuple(dataset["classes"]))
     keras.utils.set_random_seed(config.seed)
     epochs, learning_rate = config.pretrain_epochs, config.pretrain_learning_rate

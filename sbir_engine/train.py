@@ -21,7 +21,7 @@ import numpy as np
 from .aux_task import OtherDrawingBatches, OtherDrawings, other_drawings
 from .backbones import cache_dir
 from .config import EngineConfig
-from .data import DOMAINS, DataError, Sample, dataset_quickdraw, load_split, read_stroke_records
+from .data import DOMAINS, DataError, Sample, dataset_quickdraw, load_split, read_dataset, read_stroke_records
 from .embed import progress_bar, read_batches
 from .images import CANVAS_STYLES, PREPROCESSING_VERSION, load_rgb, normalize_sketch, render_strokes
 from .metrics import confusion_matrix, plot_confusion, plot_history, top_k_accuracy
@@ -434,8 +434,7 @@ def train(
     started = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     config = config or EngineConfig()
-    load_split(data_dir, "train", ())  # not a prepared dataset: its DataError says what to run
-    dataset = json.loads((data_dir / "dataset.json").read_text())
+    dataset = read_dataset(data_dir)  # not a prepared dataset: its DataError says what to run
     available = dataset["domains"]
     domains = tuple(d for d in config.domains if d in available)
     if not domains:
