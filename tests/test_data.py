@@ -289,3 +289,32 @@ def test_prepare_data_refuses_an_out_it_would_wreck_and_a_quickdraw_it_cannot_re
         prepare_data(tmp_path / "fake.tgz", config, tarball)
     prepare_data(tmp_path / "a", config, tarball)  # a prepared dataset is replaced, as ever
     prepare_data(tmp_path / "a", config, tarball)
+
+
+def test_prepare_data_clears_what_a_killed_run_left_and_a_failed_first_run_leaves_nothing(
+    tmp_path, tarball, shared_data
+):
+    """A run that was killed leaves its hidden staging folder (`OUT/.prepare-*`, a copy of the whole
+    dataset) behind: the next run removes it, but not the folder of a run still writing (its lock
+    is held). A first run that fails half-way leaves no empty --out behind."""
+    import fcntl
+    import os
+
+    config = EngineConfig(classes=("cup", "fish"))
+    out = tmp_path / "data"
+    prepare_data(out, config, tarball)
+    killed, lockless, running = (out / f".prepare-{name}" for name in ("killed", "lockless", "running"))
+    for folder in (killed, lockless, running):
+        (folder / "sketch").mkdir(parents=True)
+    (killed / ".lock").touch()  # its run held the lock, and died
+    os.utime(lockless, (0, 0))  # killed before it took a lock
+    (running / ".lock").touch()
+    with open(running / ".lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        prepare_data(out, config, tarball)
+    assert sorted(p.name for p in out.iterdir()) == [".prepare-running", "dataset.json", "gallery", "sketch"]
+    few = tmp_path / "few"
+    own_drawings(few, shared_data, {"mug": "cup", "goldfish": "fish"}, 3)
+    with pytest.raises(DataError, match="3 usable drawings"):
+        prepare_data(tmp_path / "new", EngineConfig(classes=("goldfish", "mug")), sketches=few)
+    assert not (tmp_path / "new").exists()
