@@ -51,6 +51,10 @@ def evaluate(
     canvas_strokes: Path | None = None,
     quickdraw: Path | None = None,
 ) -> dict:
+    # Checked before the evaluation, which takes minutes on a large index (not "gallery folder").
+    for what, folder in (("query", queries), ("canvas stroke", canvas_strokes)):
+        if folder is not None and not Path(folder).is_dir():
+            raise FileNotFoundError(f"{what} folder {folder} does not exist")
     engine = engine or SketchEngine.load(index_dir)
     if len(engine.index) == 0:  # nothing to rank: every retrieval figure would be NaN
         raise DataError(

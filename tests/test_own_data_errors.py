@@ -112,7 +112,7 @@ def test_train_options_and_data_that_cannot_work_are_one_line_errors(tmp_path, t
     result = runner.invoke(app, ["pretrain", "--data", str(raw), "--out", str(tmp_path / "pre")])
     assert result.exit_code == 1 and result.output.strip().splitlines() == [f"error: {not_prepared}"]
     result = runner.invoke(app, ["prepare-data", "--classes", ",,,", "--out", str(tmp_path / "d")])
-    assert result.exit_code == 1 and "error: --classes ',,,' names no class" in result.output
+    assert result.exit_code == 2 and "error: --classes ',,,' names no class" in result.output
     # An --out a run could not write into at its end is refused at once (before: a traceback after
     # the features were cached, or, for pretrain, after every epoch).
     (tmp_path / "afile").write_text("x")
@@ -134,6 +134,14 @@ def test_query_folders_the_model_cannot_score_are_named(engine, small_index, sma
     result = CliRunner().invoke(app, ["evaluate", "--index", str(small_index), "--queries", str(folder)])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
     assert f"error: {expected}" in result.output
+    for option in ("--queries", "--canvas"):  # named as what they are, before the evaluation runs
+        args = {"--queries": str(small_dataset / "sketch" / "test"), option: str(tmp_path / "nonexist")}
+        result = CliRunner().invoke(app, ["evaluate", "--index", str(small_index), *sum(args.items(), ())])
+        what = {"--queries": "query", "--canvas": "canvas stroke"}[option]
+        assert (
+            result.exit_code == 1
+            and f"error: {what} folder {tmp_path / 'nonexist'} does not exist" in result.output
+        )
 
     queries = tmp_path / "queries"
     cups = sorted((small_dataset / "sketch" / "test" / "cup").glob("*.png"))
