@@ -24,8 +24,10 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DOMAINS: tuple[str, ...] = ("sketch", "photo")
 
 # HEIC/HEIF (phone photos) decode through pillow-heif, AVIF through Pillow itself.
+# .jfif and .jpe are JPEGs too (browsers on Windows save web photos as .jfif).
 IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif",
+    ".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif",
+    ".avif",
 )  # fmt: skip
 
 
@@ -124,7 +126,7 @@ class EngineConfig:
     # so a thin-lined 400 px canvas and a 28 px QuickDraw bitmap meet the network alike.
     sketch_raster: int = 28
     # Limits on what a query accepts (page and API).
-    max_upload_bytes: int = 10 * 1024 * 1024
+    max_upload_bytes: int = 32 * 1024 * 1024
     max_pixels: int = 40_000_000
     # Default locations (relative to the working directory). A run records the prepared dataset it
     # trained on as ``data_dir``: its sketch files say which drawings were held out.

@@ -12,6 +12,7 @@ figures can be told apart from noise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -199,11 +200,15 @@ def contact_sheet(misses: list[dict], path: Path, cell: int = 120) -> None:
     """The missed sketches side by side: true class in green, the model's top 3 in red."""
     from PIL import Image, ImageDraw
 
+    from .images import ImageError, composite_on_white, open_image
+
     sheet = Image.new("RGB", (len(misses) * cell, cell + 30), "white")
     draw = ImageDraw.Draw(sheet)
     for k, miss in enumerate(misses):
-        with Image.open(miss["path"]) as sketch:
-            sheet.paste(sketch.convert("RGB").resize((cell, cell)), (k * cell, 0))
+        # Decoded as the engine decodes it (turned by its EXIF tag, transparency on white); a file
+        # changed since it was scored leaves its cell blank.
+        with contextlib.suppress(ImageError):
+            sheet.paste(composite_on_white(open_image(miss["path"])).resize((cell, cell)), (k * cell, 0))
         draw.text((k * cell + 2, cell + 2), miss["label"], fill="green")
         draw.text((k * cell + 2, cell + 15), ",".join(c[:5] for c, _ in miss["top3"]), fill="red")
     sheet.save(path)

@@ -67,7 +67,8 @@ WIDTH_TOLERANCE = 0.5
 # A larger picture (a phone photo, a big scan) is reduced to this many pixels across before its
 # drawing is looked for: a 28 px drawing needs nowhere near a phone camera's 12 MP.
 LARGEST_SKETCH = 1600
-DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+# A camera's finest JPEGs (24–50 MP) run to 12–25 MB: a gallery of them must not be refused.
+DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
 
 
@@ -94,6 +95,8 @@ def _describe(source: ImageSource) -> str:
     name = getattr(source, "name", None)  # an open file's path, an upload's file name
     if hasattr(source, "read") and isinstance(name, str):
         return name
+    if isinstance(source, Image.Image) and getattr(source, "filename", ""):  # Image.open(path)
+        return os.fsdecode(source.filename)
     return f"<{type(source).__name__}>"
 
 
@@ -111,6 +114,12 @@ def open_image(
     name = _describe(source)
     if isinstance(source, Image.Image):
         image = source
+        width, height = image.size
+        if width * height <= max_pixels:  # (refused below otherwise, before decoding)
+            try:  # a lazily opened file decodes here: its errors are this function's to name
+                image.load()
+            except (OSError, SyntaxError, ValueError) as err:
+                raise ImageError(name, f"image data is corrupt or truncated ({err})") from err
     elif isinstance(source, np.ndarray):
         image = _array_to_image(source, name)
     else:
@@ -144,6 +153,9 @@ def open_image(
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(data))
                 width, height = image.size
+                if width * height > max_pixels and image.format in ("JPEG", "MPO"):
+                    _draft_within(image, max_pixels)
+                    width, height = image.size
                 if width * height > max_pixels:
                     raise ImageError(
                         name, f"image is {width}×{height} pixels, over the limit of {max_pixels:,} pixels"
@@ -155,7 +167,7 @@ def open_image(
             limit = f"over the limit of {max_pixels:,} pixels"
             raise ImageError(name, f"image is too large to decode (decompression bomb?), {limit}") from err
         except UnidentifiedImageError as err:
-            raise ImageError(name, _missing_decoder(data) or "not a recognised image format") from err
+            raise ImageError(name, _unidentified(data)) from err
         except (OSError, SyntaxError, ValueError) as err:
             raise ImageError(name, f"image data is corrupt or truncated ({err})") from err
     width, height = image.size
@@ -192,15 +204,31 @@ HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"
 AVIF_BRANDS = (b"avif", b"avis")
 
 
-def _missing_decoder(data: bytes) -> str | None:
-    """Why a HEIC or AVIF file did not decode here (a decoder this installation lacks), else None."""
-    if data[4:8] != b"ftyp":
-        return None
-    if data[8:12] in AVIF_BRANDS:
+def _unidentified(data: bytes) -> str:
+    """Why Pillow could not tell what ``data`` is: a HEIC or AVIF file whose decoder this installation
+    lacks (said with what to install), one that its decoder could not read (cut short: a sync or a
+    download interrupted), or no image format Pillow knows."""
+    brand = data[8:12] if data[4:8] == b"ftyp" else b""
+    Image.init()
+    if brand in AVIF_BRANDS and "AVIF" not in Image.ID:
         return "an AVIF image, and this Pillow has no AVIF decoder (upgrade Pillow: recent wheels have it)"
-    if data[8:12] in HEIF_BRANDS:
+    if brand in HEIF_BRANDS and "HEIF" not in Image.ID:
         return "a HEIC/HEIF image, and its decoder is not installed (pip install pillow-heif)"
-    return None
+    if brand in AVIF_BRANDS + HEIF_BRANDS:
+        kind = "AVIF" if brand in AVIF_BRANDS else "HEIC/HEIF"
+        return f"image data is corrupt or truncated (a {kind} file its decoder cannot read)"
+    return "not a recognised image format"
+
+
+def _draft_within(image: Image.Image, max_pixels: int) -> None:
+    """Have a JPEG over ``max_pixels`` decode at 1/2, 1/4 or 1/8 of its size, the largest within the
+    limit: a camera's 24–50 MP photo then costs a few megapixels of memory, not a refusal (its DCT
+    gives the smaller sizes for free; the network sees 180 px)."""
+    width, height = image.size
+    for scale in (2, 4, 8):
+        if -(-width // scale) * -(-height // scale) <= max_pixels:  # sizes round up
+            image.draft(None, (-(-width // scale), -(-height // scale)))
+            return
 
 
 def _array_to_image(array: np.ndarray, name: str) -> Image.Image:
@@ -242,11 +270,16 @@ def composite_on_white(image: Image.Image) -> Image.Image:
     if image.mode == "La":  # premultiplied alpha: PIL converts it only to LA (which un-premultiplies)
         image = image.convert("LA")
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
+        # float32, in place: a 36 MP 16-bit scan in float64 temporaries took a gigabyte to decode.
+        array = np.asarray(image, dtype=np.float32)
         peak = array.max(initial=0)
-        # 16-bit, 8-bit, or floats in [0, 1] (as arrays are read, see _array_to_image)
-        top = 65535.0 if peak > 255 else 1.0 if image.mode == "F" and peak <= 1.0 else 255.0
-        image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8))
+        # A 16-bit mode is 0–65535 however dark the picture; a 32-bit integer image (which PIL also
+        # gives for 16-bit files) is 16-bit or 8-bit by its values, a float one 0–1 or 0–255 (as
+        # arrays are read, see _array_to_image).
+        sixteen = image.mode.startswith("I;16") or peak > 255
+        top = 65535.0 if sixteen else 1.0 if image.mode == "F" and peak <= 1.0 else 255.0
+        array *= 255.0 / top
+        image = Image.fromarray(np.clip(array, 0, 255, out=array).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA", "RGBa"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

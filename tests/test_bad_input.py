@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 
 from sbir_engine.build import build_index
 from sbir_engine.cli import app
+from sbir_engine.config import EngineConfig
 from sbir_engine.embed import Embedder
 from sbir_engine.engine import SketchEngine
 from sbir_engine.images import ImageError, load_rgb, load_sketch, open_image
@@ -109,6 +110,8 @@ def make_corpus(root: Path, small_photos: Path) -> Corpus:
                                           ("cat", "cup", "fish", "umbrella", "airplane"))  # fmt: skip
     shutil.copyfile(cat[0], good("cat/my cat photo.jpg"))
     shutil.copyfile(cup[0], good("cup/tasse à café ☕.jpg"))
+    shutil.copyfile(cat[2], good("cat/saved from a browser.jfif"))  # JPEGs by other names
+    shutil.copyfile(fish[2], good("fish/old camera.JPE"))
     Image.open(fish[0]).save(good("fish/魚 1.png"))
     Image.open(fish[1]).convert("CMYK").save(good("fish/cmyk.jpg"), "JPEG", quality=95)
     grey = np.asarray(Image.open(fish[2]).convert("L"), np.uint16) * 257
@@ -217,6 +220,48 @@ def test_a_missing_heic_or_avif_decoder_is_named(corpus, monkeypatch):
         assert str(caught.value).startswith(str(corpus.root / relative))
 
 
+def test_files_from_cameras_and_broken_downloads(corpus, small_photos, engine, tmp_path):
+    """A 48 MP camera JPEG (over the pixel limit) is read at a quarter of its pixels, not refused, and
+    embeds as its photo; a HEIC or AVIF cut short is corrupt, not a decoder to install (both are);
+    a PIL image of a truncated file is an ImageError, as any other source; a 16-bit image is read by
+    its bit depth, so a dark one stays dark; evaluate's sheet of missed sketches shows them upright."""
+    from sbir_engine.evaluate import contact_sheet
+    from sbir_engine.images import composite_on_white
+
+    photo = Image.open(photos(small_photos, "airplane", 1)[0]).convert("RGB")
+    camera = tmp_path / "DSC_0001.jpg"
+    photo.resize((8000, 6000), Image.Resampling.BICUBIC).save(camera, "JPEG", quality=90)
+    assert camera.stat().st_size < EngineConfig().max_upload_bytes
+    assert open_image(camera).size == (4000, 3000)
+    cosine = engine.embed(camera, sketch=False)[0] @ engine.embed(photo, sketch=False)[0]
+    assert cosine > 0.98, cosine
+
+    for relative, keep in (("cup/IMG_0001.HEIC", 200), ("cup/cup.avif", None)):
+        data = (corpus.root / relative).read_bytes()
+        cut = tmp_path / Path(relative).name
+        cut.write_bytes(data[: keep or len(data) // 2])
+        with pytest.raises(ImageError, match="corrupt or truncated"):
+            open_image(cut)
+    with pytest.raises(ImageError, match=r"truncated\.jpg: image data is corrupt or truncated"):
+        engine.query(Image.open(corpus.root / "cat/truncated.jpg"))
+
+    dark = Image.fromarray(np.full((8, 8), 200, np.uint16))  # 0.3 % of 16-bit white
+    assert dark.mode == "I;16" and np.asarray(composite_on_white(dark)).max() <= 1
+
+    scan = photo.resize((120, 80))  # a scan stored sideways, with the tag that turns it upright
+    sideways = tmp_path / "scan.jpg"
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6
+    scan.transpose(Image.Transpose.ROTATE_90).save(sideways, quality=95, exif=exif)
+    contact_sheet([{"path": sideways, "label": "cup", "top3": [("cup", 0.5)] * 3}], tmp_path / "sheet.png")
+    cell = np.asarray(Image.open(tmp_path / "sheet.png").convert("L").crop((0, 0, 120, 120)), np.float32)
+    upright, turned = (
+        np.asarray(image.resize((120, 120)).convert("L"), np.float32)
+        for image in (scan, scan.transpose(Image.Transpose.ROTATE_90))
+    )
+    assert np.abs(cell - upright).mean() < np.abs(cell - turned).mean() / 2
+
+
 @pytest.mark.parametrize("relative", sorted(BAD_REASONS))
 def test_each_bad_file_is_a_named_image_error(corpus, relative):
     path = corpus.root / relative
@@ -229,7 +274,7 @@ def test_each_bad_file_is_a_named_image_error(corpus, relative):
 
 def test_build_index_indexes_every_good_image_and_names_every_bad_one(built, corpus, embedder):
     report, index_dir = built
-    assert report.total == report.added == len(corpus.good) == 22
+    assert report.total == report.added == len(corpus.good) == 24
     assert dict(report.failed).keys() == corpus.bad.keys()
     for relative, reason in report.failed:
         assert re.search(corpus.bad[relative], reason), (relative, reason)
@@ -245,7 +290,7 @@ def test_build_index_indexes_every_good_image_and_names_every_bad_one(built, cor
         assert f"failed {relative}: {reason}" in log.splitlines()
     for relative in corpus.ignored:
         assert relative not in summary and relative not in log
-    assert "22 images indexed" in log and "6 failed" in log
+    assert "24 images indexed" in log and "6 failed" in log
 
     # The EXIF-rotated photo was embedded upright: its vector is the upright image's, not the stored one's.
     by_path = {e.path: e.id for e in index.entries.values()}
@@ -297,13 +342,14 @@ def bad_queries(corpus: Corpus, folder: Path) -> dict[str, tuple[Path, str]]:
     ImageDraw.Draw(drawn).ellipse((60, 60, 240, 240), outline=(255, 255, 0), width=6)
     drawn.save(yellow)
     huge = folder / "huge.png"
-    huge.write_bytes((corpus.root / corpus.good[0]).read_bytes() + b"\0" * (10 * 1024 * 1024))
+    limit = EngineConfig().max_upload_bytes
+    huge.write_bytes((corpus.root / corpus.good[0]).read_bytes() + b"\0" * limit)
     kinds.update(
         missing=(folder / "missing.png", r"cannot be read \(No such file or directory\)"),
         text=(corpus.root / "cat/readme.txt", r"not a recognised image format"),
         blank=(blank, r"the sketch is empty \(no ink found\)"),
         yellow=(yellow, r"too light to tell from paper \(a stroke needs grey level 220 or darker"),
-        huge=(huge, r"file is [\d,]+ bytes, over the limit of 10,485,760"),
+        huge=(huge, rf"file is [\d,]+ bytes, over the limit of {limit:,}"),
     )
     return kinds
 
