@@ -45,6 +45,7 @@ _EXPORTS = {
     "remove_files": "build",
     "BuildReport": "build",
     "IndexBusyError": "build",
+    "IndexNotWritableError": "build",
     "GalleryIndex": "index",
     "IndexFormatError": "index",
     "ForeignIndexError": "index",

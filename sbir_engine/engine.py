@@ -15,7 +15,7 @@ from PIL import Image
 from .embed import Embedder
 from .gallery import is_drawing
 from .images import ACCEPTED, PREPROCESSING_VERSION, ImageSource, resize_to_array
-from .index import GalleryIndex, current_version, label_counts
+from .index import GalleryIndex, current_version, label_counts, read_meta
 from .model import load_model
 
 # A query whose nearest entries are mostly copies of each other searches deeper for k distinct
@@ -122,8 +122,10 @@ class SketchEngine:
         """Pick up a newer index version written by a build; True if it changed."""
         if self.index_dir is None:
             return False
-        version = current_version(self.index_dir).name
-        if version == self._version:
+        version = current_version(self.index_dir)
+        if version.name == self._version and read_meta(self.index_dir, version).get("version_id") == (
+            self._index.meta.get("version_id")
+        ):  # (an index deleted and built again has a v000001 of its own)
             return False
         index = GalleryIndex.load(self.index_dir)
         check_compatible(

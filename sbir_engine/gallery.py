@@ -53,8 +53,10 @@ def walk_gallery(root: Path) -> GalleryScan:
     """Image files under ``root`` (the label is the first folder under the root, if any), and the
     folders that could not be listed (no permission, a dropped network mount).
 
-    Symlinked folders are not followed, so a link loop cannot hang the scan, and hidden files and
-    folders (:func:`is_hidden`) are left out: thumbnails and metadata, not the collection.
+    Symlinked folders are followed (a class folder moved to another disk and linked back is still
+    the class), each real folder once: a link loop or a second link to one folder is not walked
+    again. Hidden files and folders (:func:`is_hidden`) are left out: thumbnails and metadata, not
+    the collection.
     """
     root = Path(root)
     if not root.is_dir():
@@ -66,8 +68,19 @@ def walk_gallery(root: Path) -> GalleryScan:
         relative = folder.relative_to(root).as_posix() if folder.is_relative_to(root) else "."
         scan.unlisted.append(("" if relative == "." else relative, err.strerror or str(err)))
 
-    for folder, dirs, files in os.walk(root, onerror=unlisted, followlinks=False):
-        dirs[:] = sorted(name for name in dirs if not is_hidden(name))
+    walked = {os.path.realpath(root)}
+
+    def first_visit(folder: str) -> bool:
+        real = os.path.realpath(folder)
+        if real in walked:
+            return False
+        walked.add(real)
+        return True
+
+    for folder, dirs, files in os.walk(root, onerror=unlisted, followlinks=True):
+        dirs[:] = [
+            name for name in sorted(dirs) if not is_hidden(name) and first_visit(os.path.join(folder, name))
+        ]
         for name in sorted(files):
             path = Path(folder) / name
             if path.suffix.lower() not in IMAGE_EXTENSIONS or is_hidden(name):
@@ -199,9 +212,8 @@ def stage_files(
         if not given.exists():
             failed.append((shown(given), "no such file or folder"))
             continue
-        # A linked file in the gallery is indexed as itself; a folder is taken where it really is
-        # (a rescan does not follow linked folders: it would drop what was indexed under the link).
-        inside = gallery_relative(given.resolve() if given.is_dir() else given, gallery)
+        # A linked file or folder in the gallery is indexed as itself, where a rescan finds it.
+        inside = gallery_relative(given, gallery)
         if given.is_dir():
             scan = walk_gallery(given)
             failed.extend(

@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -388,8 +389,10 @@ class GalleryIndex:
             ids = np.load(version / "ids.npy", allow_pickle=False)
             entries = [
                 Entry(**json.loads(line))
-                for line in (version / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
-                if line
+                # "\n" alone ends a line: str.splitlines() would also split at U+2028, U+2029 and
+                # U+0085, which json.dumps(ensure_ascii=False) leaves as they are in file names.
+                for line in (version / "manifest.jsonl").read_text(encoding="utf-8").split("\n")
+                if line.strip()
             ]
         except (OSError, RuntimeError, ValueError, TypeError) as err:
             raise IndexFormatError(f"{version}: index files are missing or damaged ({err})") from err
@@ -431,6 +434,9 @@ class GalleryIndex:
         with open(staging / "manifest.jsonl", "w", encoding="utf-8") as out:
             for entry in sorted(self.entries.values(), key=lambda e: e.id):
                 out.write(json.dumps(asdict(entry), ensure_ascii=False) + "\n")
+        # Unique per version: an index folder deleted and built again starts at v000001 again, and a
+        # running engine must still see that it changed (SketchEngine.reload).
+        self.meta["version_id"] = uuid.uuid4().hex
         (staging / "index.json").write_text(json.dumps(self.meta, indent=2) + "\n", encoding="utf-8")
         log = "\n".join(log_lines) + ("\n" if log_lines else "")
         # The log names failed files as given; a name that is not UTF-8 is escaped, not fatal.
@@ -575,7 +581,7 @@ def _next_of_ids(version: Path) -> int | None:
 
 def _lines(path: Path) -> list[str]:
     try:
-        return path.read_text(encoding="utf-8", errors="replace").splitlines()
+        return path.read_text(encoding="utf-8", errors="replace").split("\n")  # (not splitlines: see load)
     except OSError:
         return []
 

@@ -7,7 +7,7 @@ FLOAT, read back for the engine's re-ranking), ``path`` (relative to the gallery
 keeps in ``index.json`` (model fingerprint and run folder, gallery root, classes, next id) is the
 collection property ``sbir.meta``.
 
-``uri`` is a local file ending in ``.db`` for Milvus Lite (``pip install 'sbir-engine[milvus]'``)
+``uri`` is a local file ending in ``.db`` for Milvus Lite (``pip install -e '.[milvus]'`` in the checkout)
 or ``http://host:19530`` for a Milvus standalone or cluster. :class:`MilvusStore` satisfies
 :class:`~sbir_engine.index.VectorStore`, so :meth:`SketchEngine.from_store
 <sbir_engine.engine.SketchEngine.from_store>` answers the same queries from it, and
@@ -77,14 +77,15 @@ def check_index_type(index_type: str | None, uri: str) -> str:
     return index_type.strip().upper()
 
 
-def connect(uri: str):
-    """A ``MilvusClient``: a Milvus Lite file (created if missing) or a server's address."""
+def connect(uri: str, create: bool = True):
+    """A ``MilvusClient``: a Milvus Lite file (created if missing, unless not ``create``) or a
+    server's address."""
     try:
         from pymilvus import MilvusClient
     except ImportError as err:
         raise MilvusUnavailable(
             "the Milvus backend needs pymilvus (and milvus-lite for a local file): "
-            "pip install 'sbir-engine[milvus]'"
+            "pip install -e '.[milvus]' in the sbir-engine checkout"
         ) from err
     # Every failed call raises a MilvusException to its caller; pymilvus (and Milvus Lite's
     # in-process server) also log it with a traceback, which would bury the one-line error.
@@ -94,6 +95,11 @@ def connect(uri: str):
     if is_lite(uri):
         if not uri.endswith(".db"):
             raise MilvusUnavailable(f"a Milvus Lite URI is a local file ending in .db, not {uri!r}")
+        if not create and not Path(uri).exists():  # (Milvus Lite keeps a folder by that name)
+            raise MilvusUnavailable(
+                f"{uri}: no such Milvus Lite file; make one with "
+                "`sbir-engine build-index --backend milvus` or `sbir-engine index export-milvus`"
+            )
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
         uri = str(Path(uri).resolve())
     try:
@@ -474,6 +480,8 @@ class MilvusTarget:
         return MilvusStore.open(self.uri, self.collection, self.client)
 
     def open_existing(self) -> MilvusStore:
+        if self._client is None:  # not a new, empty Milvus Lite file for a mistyped path
+            self._client = connect(self.uri, create=False)
         store = self.open()
         if store is None:
             raise IndexFormatError(

@@ -174,7 +174,7 @@ def test_cli_drawings_options(small_run, mixed_gallery, records, tmp_path):
     runner = CliRunner()
     base = ["build-index", "--model", str(small_run), "--gallery", str(mixed_gallery)]
     both = runner.invoke(app, [*base, "--out", str(tmp_path / "a"), "--drawings", "x", "--no-drawings"])
-    assert both.exit_code != 0 and "--drawings and --no-drawings contradict" in both.output
+    assert both.exit_code == 2 and "--drawings and --no-drawings contradict" in both.output
     typo = runner.invoke(
         app, [*base, "--out", str(tmp_path / "b"), "--drawings", "drawing", "--drawings", "*/drawings"]
     )

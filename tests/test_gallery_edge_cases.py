@@ -144,6 +144,15 @@ def test_hidden_files_and_folders_are_not_the_collection(photos, small_run, embe
     # A gallery of nothing but such files builds an empty index, and says why it is empty.
     empty = build_index(small_run, gallery / "__MACOSX", tmp_path / "empty", embedder=embedder)
     assert empty.total == 0 and any("holds no image files" in note for note in empty.notes)
+    # An index of images whose gallery is now empty (a disk not mounted under its mount point) is
+    # left as it is, unless told (--full): a rescan would have dropped every vector.
+    unmounted = tmp_path / "mount-point"
+    unmounted.mkdir()
+    message = rf"the gallery .*mount-point holds no image files, but the index holds {2 * len(LABELS)}"
+    with pytest.raises(ValueError, match=message):
+        build_index(small_run, unmounted, tmp_path / "index", embedder=embedder)
+    assert len(indexed(tmp_path / "index")) == 2 * len(LABELS)
+    assert build_index(small_run, unmounted, tmp_path / "index", embedder=embedder, full=True).total == 0
 
 
 def unlistable(monkeypatch, folder: Path) -> None:
@@ -405,6 +414,8 @@ def test_a_damaged_index_gives_no_id_twice_whatever_of_it_survives(photos, small
         assert "the previous index cannot be used" in report.full_rebuild_reason
         index = GalleryIndex.load(index_dir)
         assert index.meta["drawings"] == (["fish"] if damage.get("meta") is None else [])
+        lost_patterns = any("--drawings patterns could not be read" in note for note in report.notes)
+        assert lost_patterns == (damage.get("meta") is not None)  # said, not silently photos
         return {entry.path: entry.id for entry in index.entries.values()}
 
     # Only the metadata survives (the manifest is garbage): the next id and the patterns do.
@@ -462,3 +473,108 @@ def test_a_move_on_an_hnsw_index_leaves_the_graph_alone(photos, small_run, embed
     assert (entry.path, entry.label) == ("cup/was_a_cat.jpg", "cup")
     _, found = after.search(before.vectors[before.rows[old[moved]]][None], 1, labels=["cup"])
     assert found[0][0] == old[moved]  # the label filter follows the move
+
+
+def test_names_with_unicode_line_separators_load_and_keep_their_ids(photos, small_run, embedder, tmp_path):
+    """U+2028, U+2029 and U+0085 (a cp1252 "…" decoded wrongly) are line breaks to str.splitlines(),
+    but not to the manifest's JSON lines: an index of such names loads, and a rebuild embeds nothing.
+    Before, the build said it succeeded, every load said the index was damaged, and every rebuild
+    embedded everything again under new ids."""
+    gallery = make_gallery(tmp_path / "gallery", photos)
+    shutil.copyfile(photos["cat"][3], gallery / "cat" / "line\u2028sep.jpg")
+    shutil.copyfile(photos["cup"][3], gallery / "cup" / "trip\u0085 2019.jpg")
+    (gallery / "fish").rename(gallery / "fish\u2029tank")
+    index_dir = tmp_path / "index"
+    build_index(small_run, gallery, index_dir, embedder=embedder)
+    ids = {entry.path: entry.id for entry in GalleryIndex.load(index_dir).entries.values()}
+    assert {"cat/line\u2028sep.jpg", "cup/trip\u0085 2019.jpg"} <= ids.keys() and len(ids) == 8
+    assert sum(path.startswith("fish\u2029tank/") for path in ids) == 2
+    again = build_index(small_run, gallery, index_dir, embedder=embedder)
+    assert again.embedded == 0 and again.unchanged == 8 and not again.full_rebuild_reason
+    assert {entry.path: entry.id for entry in GalleryIndex.load(index_dir).entries.values()} == ids
+
+
+def test_a_running_engine_sees_an_index_deleted_and_built_again(photos, small_run, embedder, tmp_path):
+    """A new index in the same folder starts at v000001 again: reload (the page's) must still see it."""
+    from sbir_engine.engine import SketchEngine
+
+    index_dir = tmp_path / "index"
+    build_index(small_run, make_gallery(tmp_path / "old", photos, 1), index_dir, embedder=embedder)
+    engine = SketchEngine.load(index_dir)
+    assert engine.reload() is False and len(engine.index) == len(LABELS)
+    shutil.rmtree(index_dir)
+    build_index(small_run, make_gallery(tmp_path / "new", photos, 3), index_dir, embedder=embedder)
+    assert current_version(index_dir).name == "v000001"
+    assert engine.reload() is True and len(engine.index) == 3 * len(LABELS)
+    assert engine.reload() is False
+
+
+def test_a_class_folder_linked_into_the_gallery_is_the_class(photos, small_run, embedder, tmp_path):
+    """A class folder moved to another disk and linked back stays indexed under its class (it was
+    dropped as "removed", without a word); a second link to it and a link loop are not walked again;
+    `index add` of a linked folder inside the gallery indexes it where it is, under its label (it was
+    copied flat into the gallery root, without one)."""
+    gallery = make_gallery(tmp_path / "gallery", photos)
+    index_dir = tmp_path / "index"
+    build_index(small_run, gallery, index_dir, embedder=embedder)
+    before = {entry.path: entry.id for entry in GalleryIndex.load(index_dir).entries.values()}
+    (gallery / "cat").rename(tmp_path / "cat-elsewhere")
+    (gallery / "cat").symlink_to(tmp_path / "cat-elsewhere", target_is_directory=True)
+    (gallery / "cup" / "again").symlink_to(tmp_path / "cat-elsewhere", target_is_directory=True)
+    (gallery / "fish" / "loop").symlink_to("..", target_is_directory=True)
+    report = build_index(small_run, gallery, index_dir, embedder=embedder)
+    assert (report.removed, report.added, report.unchanged) == (0, 0, len(before)), report.summary()
+    assert {entry.path: entry.id for entry in GalleryIndex.load(index_dir).entries.values()} == before
+
+    (tmp_path / "teapots").mkdir()
+    shutil.copyfile(photos["cup"][4], tmp_path / "teapots" / "pot.jpg")
+    (gallery / "teapot").symlink_to(tmp_path / "teapots", target_is_directory=True)
+    added = add_files(index_dir, [gallery / "teapot"], embedder=embedder)
+    assert added.added == 1 and not added.failed and not (gallery / "pot.jpg").exists()
+    assert {e.path: e.label for e in GalleryIndex.load(index_dir).entries.values()}[
+        "teapot/pot.jpg"
+    ] == "teapot"
+
+
+def test_an_index_that_cannot_be_written_is_said_before_anything_is_embedded(
+    photos, small_run, embedder, tmp_path, monkeypatch
+):
+    """A read-only index folder (or one whose parent is, where its writer's lock goes) is one line
+    before any embedding; before, a PermissionError traceback came after the whole embedding pass.
+    Made read-only with chattr +i: the tests run as root, whom permissions do not stop."""
+    import subprocess
+
+    gallery = make_gallery(tmp_path / "gallery", photos)
+    index_dir = tmp_path / "parent" / "index"
+    build_index(small_run, gallery, index_dir, embedder=embedder)
+    shutil.copyfile(photos["cat"][5], gallery / "cat" / "new.jpg")
+    runner = CliRunner()
+    embedded = []
+    monkeypatch.setattr(build, "embed_images", lambda *a, **k: embedded.append(1) or iter(()))
+    for frozen, reason in (
+        (index_dir, "the index folder cannot be written"),
+        (index_dir.parent, "writer's lock"),
+    ):
+        if frozen == index_dir.parent:
+            (index_dir.parent / ".index.lock").unlink()
+        if subprocess.run(["chattr", "+i", str(frozen)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not available here (a file system without it, or not root)")
+        try:
+            args = [
+                "build-index",
+                "--model",
+                str(small_run),
+                "--gallery",
+                str(gallery),
+                "--out",
+                str(index_dir),
+            ]
+            for command in (
+                args,
+                ["index", "remove", str(gallery / "cat" / "new.jpg"), "-i", str(index_dir)],
+            ):
+                result = runner.invoke(app, command)
+                assert result.exit_code == 1 and reason in one_line_error(result), result.output
+        finally:
+            subprocess.run(["chattr", "-i", str(frozen)], check=True)
+    assert not embedded and "cat/new.jpg" not in indexed(index_dir)

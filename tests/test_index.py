@@ -144,7 +144,7 @@ def test_a_photo_query_is_embedded_as_the_gallery_is(engine, small_index, small_
     assert answer.exit_code == 0, answer.output
     assert json.loads(answer.stdout.strip().splitlines()[-1])["neighbours"][0]["path"] == photos[0]
     refused = runner.invoke(app, [*query, "--save-input", str(tmp_path / "seen.png")])
-    assert refused.exit_code != 0 and "--photo query does not use" in refused.output
+    assert refused.exit_code == 2 and "--photo query does not use" in refused.output
 
 
 def test_search_api_matches_exact_cosine(engine):
@@ -246,7 +246,7 @@ def test_cli_query_answers_several_sketches_and_skips_one_it_cannot_read(
     assert text.exit_code == 1 and text.stdout.splitlines()[0] == str(sketches[0])
     assert text.stdout.count("class: ") == 2
     refused = runner.invoke(app, [*args[:3], "--save-input", str(tmp_path / "given.png")])
-    assert refused.exit_code == 1 and "give it one sketch" in refused.output
+    assert refused.exit_code == 2 and "give it one sketch" in refused.output
     # A label filter that names no image of the index (a typo) says so instead of answering nothing.
     typo = runner.invoke(app, ["query", str(sketches[0]), "--index", str(small_index), "--label", "umbrela"])
     assert typo.exit_code == 0 and "no image in the index has the label 'umbrela'" in typo.stderr

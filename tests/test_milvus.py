@@ -15,9 +15,13 @@ from sbir_engine.engine import SketchEngine
 from sbir_engine.index import GalleryIndex
 
 MISSING = [name for name in ("pymilvus", "milvus_lite") if importlib.util.find_spec(name) is None]
+if not MISSING:
+    # Imported here, not first inside a CliRunner call: pymilvus binds a logging handler to the
+    # sys.stderr of its import, and CliRunner's is closed after the call (then pytest loses stderr).
+    import pymilvus  # noqa: F401
 pytestmark = pytest.mark.skipif(
     bool(MISSING),
-    reason=f"{' and '.join(MISSING)} not installed: pip install 'sbir-engine[milvus]' (or the test extra)",
+    reason=f"{' and '.join(MISSING)} not installed: pip install -e '.[milvus]' (or the test extra)",
 )
 
 
@@ -122,6 +126,18 @@ def test_cli_backend_milvus(small_index, small_gallery, tmp_path):
     assert "Milvus" in info.output or "FLAT" in info.output
     bad = runner.invoke(app, ["query", str(sketch), "--backend", "milvus", "--uri", str(tmp_path / "x.txt")])
     assert bad.exit_code == 1 and ".db" in bad.output
+    from sbir_engine.milvus import MilvusUnavailable, load_engine
+
+    typo = tmp_path / "cIi.db"  # a mistyped file: said so, and not created (an empty database) instead
+    for command in (["query", str(sketch)], ["index", "info"], ["index", "remove", str(sketch)]):
+        result = runner.invoke(app, [*command, "--backend", "milvus", "--uri", str(typo)])
+        assert result.exit_code == 1 and f"error: {typo}: no such Milvus Lite file" in result.output, (
+            result.output
+        )
+        assert not typo.exists()
+    with pytest.raises(MilvusUnavailable, match="no such Milvus Lite file"):
+        load_engine(str(typo))
+    assert not typo.exists()
 
 
 def test_build_index_into_milvus_is_incremental(small_run, small_gallery, tmp_path):

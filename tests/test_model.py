@@ -123,7 +123,7 @@ def test_train_refuses_sketch_views_that_no_augment_would_ignore(small_dataset, 
     out = tmp_path / "run"
     args = ["train", "--data", str(small_dataset), "--out", str(out), "--no-augment", "--sketch-views", "16"]
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output
     assert "error: --sketch-views counts augmented views" in result.output
     assert not out.exists()
 
