@@ -271,13 +271,11 @@ def composite_on_white(image: Image.Image) -> Image.Image:
         image = image.convert("LA")
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # float32, in place: a 36 MP 16-bit scan in float64 temporaries took a gigabyte to decode.
-        array = np.asarray(image, dtype=np.float32)
+        array = np.array(image, dtype=np.float32)  # a copy: a mode-F image's own pixels are read-only
         peak = array.max(initial=0)
-        # A 16-bit mode is 0–65535 however dark the picture; a 32-bit integer image (which PIL also
-        # gives for 16-bit files) is 16-bit or 8-bit by its values, a float one 0–1 or 0–255 (as
-        # arrays are read, see _array_to_image).
-        sixteen = image.mode.startswith("I;16") or peak > 255
-        top = 65535.0 if sixteen else 1.0 if image.mode == "F" and peak <= 1.0 else 255.0
+        # 16-bit, 8-bit (8-bit values stored in 16 bits, as some tools save them), or floats in
+        # [0, 1] (as arrays are read, see _array_to_image)
+        top = 65535.0 if peak > 255 else 1.0 if image.mode == "F" and peak <= 1.0 else 255.0
         array *= 255.0 / top
         image = Image.fromarray(np.clip(array, 0, 255, out=array).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA", "RGBa"):
