@@ -483,6 +483,11 @@ def add_files(
         report = BuildReport(target.location)
         store = target.open_existing()
         gallery = Path(store.meta["gallery_root"])
+        if not gallery.is_dir():  # moved: files copied in would make the old path again, then be lost
+            raise FileNotFoundError(
+                f"the index's gallery folder {gallery} is not there (moved or renamed?): run "
+                "`sbir-engine build-index --gallery <where it is now>` first, then index add"
+            )
         model_dir = Path(model_dir) if model_dir else target.model_dir(store.meta)
         embedder = embedder or Embedder(load_model(model_dir))
         files, copied = stage_files(paths, gallery, label, report.failed)
@@ -645,7 +650,7 @@ def _update(
         else:
             report.added += 1
             entry_id, next_id = next_id, next_id + 1  # ids are never reused
-        to_embed.append(_Task(item, digest, size, entry_id, drawing))
+        to_embed.append(_Task(item, digest, size, info.st_mtime_ns, entry_id, drawing))
     for now_drawing, count in rekinded.items():
         if count:
             why = "drawings: --drawings now names" if now_drawing else "photos: --drawings no longer names"
@@ -678,6 +683,14 @@ def _update(
             if task.item.relative in old_by_path:  # updated into something unreadable: drop the stale entry
                 report.updated -= 1
                 drop.add(task.entry_id)
+            else:
+                report.added -= 1
+        for task in embedded.changed:  # an indexed file keeps its entry (hash and vector) as it was
+            report.failed.append((task.item.relative, CHANGED_DURING_BUILD))
+            if task.item.relative in old_by_path:
+                report.updated -= 1
+                if fresh:  # a new store holds no entry of it
+                    drop.add(task.entry_id)
             else:
                 report.added -= 1
         new_entries.extend(task.entry() for task in embedded.tasks)
@@ -718,6 +731,7 @@ class _Task(NamedTuple):
     item: GalleryFile
     digest: str  # sha256
     size: int
+    mtime_ns: int  # with size: the file as it was hashed
     entry_id: int
     drawing: bool
 
@@ -751,6 +765,20 @@ class _Embedded(NamedTuple):
     vectors: np.ndarray
     probabilities: np.ndarray
     failures: list[tuple[_Task, str]]
+    changed: list[_Task]  # files edited between their hash and their decode: vectors left out
+
+
+CHANGED_DURING_BUILD = "changed while the build read it: indexed as it is now by the next build"
+
+
+def _changed_since_scan(task: _Task) -> bool:
+    """Whether the file is no longer what was hashed: its vector could then be another content's,
+    stored under this digest (and reused for copies of it) until a --full rebuild."""
+    try:
+        info = task.item.path.stat()
+    except OSError:
+        return True
+    return (info.st_size, info.st_mtime_ns) != (task.size, task.mtime_ns)
 
 
 def _embed_once(embedder: Embedder, tasks: list[_Task], batch_size: int, report: BuildReport) -> _Embedded:
@@ -766,6 +794,9 @@ def _embed_once(embedder: Embedder, tasks: list[_Task], batch_size: int, report:
     report.embedded = len(embedded.paths)
     row = {path: i for i, path in enumerate(embedded.paths)}
     failed = dict(embedded.failures)
+    changed = {task.item.path for task in unique if task.item.path in row and _changed_since_scan(task)}
+    for path in changed:
+        del row[path]
     done = [task for task in tasks if first[task.key].item.path in row]
     if len(done) > len(row):
         report.notes.append(
@@ -777,6 +808,7 @@ def _embed_once(embedder: Embedder, tasks: list[_Task], batch_size: int, report:
         embedded.vectors[rows],
         embedded.probabilities[rows],
         [(task, failed[first[task.key].item.path]) for task in tasks if first[task.key].item.path in failed],
+        [task for task in tasks if first[task.key].item.path in changed],
     )
 
 

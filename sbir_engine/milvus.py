@@ -505,6 +505,11 @@ class MilvusTarget:
         store.meta["recall_at_10"] = 1.0 if store.factory == "FLAT" else None
         store.save_meta()
         report.factory = f"Milvus {store.factory} (COSINE)"
+        if self.index_type and self.index_type != store.factory:  # an existing collection keeps its own
+            report.notes.append(
+                f"the collection keeps its index type {store.factory}: --index-type {self.index_type} "
+                "applies when a collection is made (build-index --full makes it again)"
+            )
         report.recall_at_10 = store.meta["recall_at_10"]
         report.memory_bytes = None
         report.seconds = time.perf_counter() - report.started

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from .images import PREPROCESSING_VERSION
 MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.json"
 FINGERPRINT_FILE = "fingerprint.json"
+SAVED_FILES = (MODEL_FILE, CONFIG_FILE, FINGERPRINT_FILE)  # swapped in in this order
+_PARTIAL = ".partial-"  # a save's files before they are swapped in
 EMBEDDING_LAYER = "embedding"
 PROBABILITIES_LAYER = "probabilities"
 DROPOUT_LAYER = "feature_dropout"  # present only when config.head_dropout > 0
@@ -68,11 +71,23 @@ class SketchModel:
         return model_fingerprint(self.classifier, self.config)
 
     def save(self, run_dir: Path) -> None:
+        """Write the model, its config and fingerprint beside each other, then swap them in: a run
+        killed while writing (a model file takes seconds) leaves the folder's previous model whole."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.classifier.save(run_dir / MODEL_FILE)
-        self.config.save(run_dir / CONFIG_FILE)
-        (run_dir / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": self.fingerprint()}) + "\n")
+        for stale in run_dir.glob(f"{_PARTIAL}*"):  # left by a save that was killed
+            stale.unlink(missing_ok=True)
+        partial = {name: run_dir / f"{_PARTIAL}{os.getpid()}-{name}" for name in SAVED_FILES}
+        try:
+            self.classifier.save(partial[MODEL_FILE])  # (the name must end in .keras)
+            self.config.save(partial[CONFIG_FILE])
+            fingerprint = json.dumps({"fingerprint": self.fingerprint()}) + "\n"
+            partial[FINGERPRINT_FILE].write_text(fingerprint)
+            for name, path in partial.items():
+                os.replace(path, run_dir / name)
+        finally:
+            for path in partial.values():
+                path.unlink(missing_ok=True)
 
 
 def build_model(config: EngineConfig, weights: str | Path | None = "imagenet") -> SketchModel:

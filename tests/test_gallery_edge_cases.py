@@ -578,3 +578,65 @@ def test_an_index_that_cannot_be_written_is_said_before_anything_is_embedded(
         finally:
             subprocess.run(["chattr", "-i", str(frozen)], check=True)
     assert not embedded and "cat/new.jpg" not in indexed(index_dir)
+
+
+def test_a_file_edited_while_the_build_reads_it_keeps_no_vector_of_other_content(
+    photos, small_run, embedder, tmp_path, monkeypatch
+):
+    """A file's hash is taken in the scan and its pixels read later: edited in between, its vector
+    was the new content's under the old content's hash, and copies (or an undo) reused that wrong
+    vector until --full. Now such a file is reported and left as it was; the next build indexes it."""
+    from sbir_engine.gallery import file_sha256
+
+    gallery = make_gallery(tmp_path / "gallery", photos)
+    index_dir = tmp_path / "index"
+    build_index(small_run, gallery, index_dir, embedder=embedder)
+    old = {e.path: e for e in GalleryIndex.load(index_dir).entries.values()}
+    edited, new = gallery / "cat" / photos["cat"][0].name, gallery / "cat" / "new.jpg"
+    shutil.copyfile(photos["fish"][6], edited)  # edited before the build: to be embedded again
+    shutil.copyfile(photos["cup"][6], new)
+    real = build.embed_images
+
+    def edit_then_embed(*args, **kwargs):  # the user saves both files again while the build runs
+        shutil.copyfile(photos["fish"][7], edited)
+        shutil.copyfile(photos["cup"][7], new)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build, "embed_images", edit_then_embed)
+    report = build_index(small_run, gallery, index_dir, embedder=embedder)
+    assert dict(report.failed) == {
+        "cat/" + photos["cat"][0].name: build.CHANGED_DURING_BUILD,
+        "cat/new.jpg": build.CHANGED_DURING_BUILD,
+    }
+    assert (report.added, report.updated) == (0, 0)
+    entries = {e.path: e for e in GalleryIndex.load(index_dir).entries.values()}
+    assert entries == old  # the edited file keeps its entry as it was indexed: hash and vector agree
+    monkeypatch.setattr(build, "embed_images", real)
+    again = build_index(small_run, gallery, index_dir, embedder=embedder)
+    assert (again.added, again.updated, again.failed) == (1, 1, [])
+    index = GalleryIndex.load(index_dir)
+    by_path = {e.path: e for e in index.entries.values()}
+    for path, source in ((edited, photos["fish"][7]), (new, photos["cup"][7])):
+        entry = by_path[path.relative_to(gallery).as_posix()]
+        assert entry.sha256 == file_sha256(source)
+        stored = index.stored([entry.id])[0][0]
+        assert float(stored @ embedder(embedder.load_image(source)[None])[0][0]) > 0.999
+
+
+def test_index_add_after_the_gallery_moved_says_to_build_from_where_it_is(
+    photos, small_run, embedder, tmp_path
+):
+    """`index add` copies outside files into the index's gallery folder: after the gallery moved, it made
+    the old path again to hold the file, which the next build-index from the new place then dropped."""
+    gallery = make_gallery(tmp_path / "gallery", photos)
+    index_dir = tmp_path / "index"
+    build_index(small_run, gallery, index_dir, embedder=embedder)
+    gallery.rename(tmp_path / "moved")
+    with pytest.raises(
+        FileNotFoundError, match=r"gallery folder .*gallery is not there \(moved or renamed\?\)"
+    ):
+        add_files(index_dir, [photos["cat"][5]], label="cat", embedder=embedder)
+    assert not gallery.exists()
+    build_index(small_run, tmp_path / "moved", index_dir, embedder=embedder)
+    assert add_files(index_dir, [photos["cat"][5]], label="cat", embedder=embedder).added == 1
+    assert f"cat/{photos['cat'][5].name}" in indexed(index_dir)

@@ -153,6 +153,10 @@ def test_build_index_into_milvus_is_incremental(small_run, small_gallery, tmp_pa
     again = runner.invoke(app, command)
     assert again.exit_code == 0, again.output
     assert f"{count} unchanged" in again.output and "(0 embedded" in again.output
+    # Another index type for an existing collection is said to be ignored (it was, without a word).
+    hnsw = runner.invoke(app, [*command, "--index-type", "HNSW"])
+    assert hnsw.exit_code == 0 and "Milvus FLAT" in hnsw.output, hnsw.output
+    assert "the collection keeps its index type FLAT: --index-type HNSW applies when" in hnsw.output
     # A second writer of the same Lite collection is refused while another thread writes it (the
     # lock is re-entrant within a thread); other collections in the same file are not.
     from sbir_engine.milvus import MilvusTarget

@@ -76,6 +76,35 @@ def test_saved_model_loads_safely_and_embeds(small_run, small_dataset):
     np.testing.assert_allclose(probabilities, direct, atol=1e-5)
 
 
+def test_a_save_killed_half_way_leaves_the_previous_model_whole(small_run, tmp_path, monkeypatch):
+    """A model file takes seconds to write: a train killed then (Ctrl-C into runs/default) left a
+    truncated model.keras, or a new model beside the old config. Now the files are swapped in whole."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    before = {name: (run / name).read_bytes() for name in ("model.keras", "config.json", "fingerprint.json")}
+    model = load_model(run)
+    model.config = model.config.replace(seed=model.config.seed + 1)  # another run's config
+    real_save = keras.Model.save
+
+    def killed_while_writing(self, path, *args, **kwargs):
+        real_save(self, path, *args, **kwargs)
+        with open(path, "r+b") as written:
+            written.truncate(1000)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(keras.Model, "save", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        model.save(run)
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+    monkeypatch.setattr(keras.Model, "save", real_save)
+    model.save(run)
+    assert load_model(run).config.seed == model.config.seed
+    assert json.loads((run / "fingerprint.json").read_text())["fingerprint"] == load_model(run).fingerprint()
+
+
 def test_serving_sees_an_image_and_its_mirror_image_alike(small_run, small_dataset):
     images = np.stack(
         [load_rgb(p, 180) for p in sorted((small_dataset / "sketch" / "test" / "cat").iterdir())[:3]]
