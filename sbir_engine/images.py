@@ -175,10 +175,14 @@ def open_image(
         raise ImageError(name, f"image is {width}×{height} pixels, over the limit of {max_pixels:,} pixels")
     if width == 0 or height == 0:
         raise ImageError(name, "image has no pixels")
+    frames = getattr(image, "n_frames", 1)
     try:
-        return ImageOps.exif_transpose(image)
+        image = ImageOps.exif_transpose(image)
     except Exception:  # a broken EXIF block should not lose an otherwise good image
-        return image
+        pass
+    if frames > 1:  # (the transposed copy no longer knows): said when the first frame is empty
+        image.info["n_frames"] = frames
+    return image
 
 
 def _read_upload(source: IO[bytes], name: str, max_bytes: int) -> bytes:
@@ -325,7 +329,9 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
     learnt from.
     """
     name = _describe(source)
-    grey = _drawing_grey(open_image(source, **limits))
+    image = open_image(source, **limits)
+    frames = image.info.get("n_frames", 1)
+    grey = _drawing_grey(image)
     grey, _ = shrunk(grey, LARGEST_SKETCH)  # a phone photo or a big scan: 28 px need nowhere near 12 MP
     larger_than_bitmap = max(grey.shape) > 2 * raster  # a canvas, scan or photo
     if larger_than_bitmap:  # a page on a desk is cut out of it (a canvas is left as it is)
@@ -351,7 +357,9 @@ def normalize_sketch(source: ImageSource, raster: int = 28, **limits: int) -> Im
                 f"no ink found: its marks are all too light to tell from paper (a stroke needs grey level "
                 f"{FAINTEST} or darker; yellow on white is lighter): draw in a darker colour",
             )
-        raise EmptySketchError(name, "the sketch is empty (no ink found)")
+        # A drawing app's "replay" GIF starts blank: say which frame was looked at.
+        where = f" in frame 1 of {frames}: of an animation only the first frame is read" if frames > 1 else ""
+        raise EmptySketchError(name, f"the sketch is empty (no ink found{where})")
     top, bottom, left, right = box
     crop = grey[top:bottom, left:right]
     height, width = crop.shape

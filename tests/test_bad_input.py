@@ -599,3 +599,18 @@ def test_the_package_never_unpickles_user_files():
 
     unpicklers = [c for c in vars(pth).values() if isinstance(c, type) and issubclass(c, pickle.Unpickler)]
     assert unpicklers and all(c.find_class is not pickle.Unpickler.find_class for c in unpicklers)
+
+
+def test_a_replay_gif_that_starts_blank_is_empty_and_says_which_frame(tmp_path):
+    """Drawing apps export a drawing's replay as a GIF whose first frame is blank: the first frame is
+    what is read (as documented), and the error now says so instead of a bare "no ink found"."""
+    blank = Image.new("RGB", (200, 200), "white")
+    half, drawn = blank.copy(), blank.copy()
+    ImageDraw.Draw(half).arc((40, 40, 160, 160), 0, 180, fill="black", width=6)
+    ImageDraw.Draw(drawn).ellipse((40, 40, 160, 160), outline="black", width=6)
+    replay = tmp_path / "replay.gif"
+    blank.save(replay, save_all=True, append_images=[half, drawn], duration=100)
+    with pytest.raises(ImageError, match=r"no ink found in frame 1 of 3: of an animation only the first"):
+        load_sketch(replay, 180)
+    drawn.save(replay, save_all=True, append_images=[blank], duration=100)
+    assert load_sketch(replay, 180).min() < 100  # the drawing in its first frame is read
