@@ -175,6 +175,23 @@ def test_k_and_only_the_predicted_class(monkeypatch, small_index, small_dataset)
     assert all(CAPTION.match(caption).group("label") == label for caption in captions), captions
 
 
+def test_only_these_classes_limits_the_results_not_the_prediction(monkeypatch, small_index, small_dataset):
+    """The sidebar's class filter (the CLI's --label) offers the gallery's labels and keeps the
+    results to the chosen ones; the predicted class is the model's, whatever is chosen."""
+    at = upload(page(monkeypatch, index_dir=small_index), "fish.png", sketch_bytes(small_dataset, "fish"))
+    label = predicted_label(at)
+    labels = sorted({entry.label for entry in GalleryIndex.load(small_index).entries.values()})
+    assert at.multiselect(key="labels").options == labels
+    others = [name for name in labels if name != label][:2]
+    at.multiselect(key="labels").set_value(others)
+    at.slider(key="k").set_value(12)
+    at.run()
+    assert not at.exception and not at.error
+    assert predicted_label(at) == label
+    found = {CAPTION.match(caption).group("label") for caption in result_captions(at)}
+    assert found == set(others) and len(result_captions(at)) == 12
+
+
 def test_an_upload_marked_as_a_photo_skips_the_sketch_normaliser(monkeypatch, small_index, small_gallery):
     photo = sorted((small_gallery / "cup").glob("photo_*"))[0]
     at = page(monkeypatch, index_dir=small_index)

@@ -5,7 +5,7 @@ Started by ``sbir-engine ui --index INDEX_DIR``, which runs
 after ``--``, else the ``SBIR_ENGINE_INDEX`` environment variable, else ``EngineConfig().index_dir``.
 
 The page predicts whenever its input changes (a stroke on the canvas, an upload, k or the class
-filter): Streamlit reruns the script on every change, and a query takes well under a second once
+filters): Streamlit reruns the script on every change, and a query takes well under a second once
 the model is loaded. Stable markers for tests and scripts: the text "Predicted class: **<label>**",
 result images inside the container with the CSS class ``st-key-results`` captioned "<label> · <score>",
 each with a "More like this" button (key ``more_<id>``: the gallery image becomes the query),
@@ -128,6 +128,26 @@ def settings() -> tuple[int, bool, int]:
         same_class = st.toggle("Only the predicted class", value=False, key="same_class")
         stroke_width = st.slider("Stroke width", min_value=1, max_value=30, value=6, key="stroke_width")
     return k, same_class, stroke_width
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def gallery_labels(_engine: SketchEngine, index_version: tuple[str, str, str | None]) -> list[str]:
+    """The labels of the gallery's images, once per index version (a large gallery's manifest is
+    not walked on every rerun); ``index_version`` is the cache key."""
+    return sorted({entry.label for entry in _engine.index.entries.values() if entry.label})
+
+
+def label_filter(engine: SketchEngine, index_dir: Path) -> list[str] | None:
+    """The sidebar's "Only these classes": the labels the results may have (None: all of them)."""
+    index = engine.index
+    version = (str(index_dir), str(getattr(index, "version", "")), index.meta.get("version_id"))
+    chosen = st.sidebar.multiselect(
+        "Only these classes",
+        gallery_labels(engine, version),
+        key="labels",
+        help="Results only from gallery images of these classes (the prediction is not limited).",
+    )
+    return chosen or None
 
 
 def sketch_inputs(engine: SketchEngine, stroke_width: int) -> tuple[object | None, str, bool]:
@@ -284,10 +304,16 @@ def signature_of(source: object) -> str:
 
 
 def run_query(
-    engine: SketchEngine, source: object, name: str, k: int, same_class: bool, photo: bool = False
+    engine: SketchEngine,
+    source: object,
+    name: str,
+    k: int,
+    same_class: bool,
+    photo: bool = False,
+    labels: list[str] | None = None,
 ) -> None:
     try:
-        result = engine.query(source, k=k, same_class=same_class, photo=photo)
+        result = engine.query(source, k=k, same_class=same_class, labels=labels, photo=photo)
     except EmptySketchError as err:
         if not isinstance(source, np.ndarray):  # an upload: why it has no drawing (too light, blank)
             st.warning(f"Cannot use {name}: {one_line(err.reason)}")
@@ -319,6 +345,7 @@ def main() -> None:
     st.sidebar.caption(
         f"Index: `{index_dir}` · {len(engine.index)} images · classes: {', '.join(engine.classes)}"
     )
+    labels = label_filter(engine, index_dir)
     source, name, photo = sketch_inputs(engine, stroke_width)
     st.divider()
     if source is None:  # nothing to query: a "More like this" chosen before does not come back later
@@ -331,14 +358,14 @@ def main() -> None:
     chosen = st.session_state.get(MORE_LIKE)
     if chosen is None or chosen[1] != signature:
         st.session_state.pop(MORE_LIKE, None)
-        run_query(engine, source, name, k, same_class, photo)
+        run_query(engine, source, name, k, same_class, photo, labels)
         return
     path = chosen[0]
     st.caption(f"More like the gallery image {path}")
     st.button("Back to the query's results", key="back", on_click=st.session_state.pop, args=(MORE_LIKE,))
     # Embedded as the build embedded it, so that the image finds itself first.
     photo = not engine.is_drawing(path)
-    run_query(engine, engine.resolve(path), f"the gallery image {path}", k, same_class, photo)
+    run_query(engine, engine.resolve(path), f"the gallery image {path}", k, same_class, photo, labels)
 
 
 if __name__ == "__main__":
