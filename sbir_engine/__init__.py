@@ -43,7 +43,7 @@ _EXPORTS = {
     "build_index": "build",
     "add_files": "build",
     "remove_files": "build",
-    "BuildReport": "build",
+    "BuildReport": "update",
     "IndexBusyError": "build",
     "IndexNotWritableError": "build",
     "GalleryIndex": "index",

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-from sbir_engine import build
+from sbir_engine import build, update
 from sbir_engine.build import add_files, build_index, remove_files
 from sbir_engine.cli import app
 from sbir_engine.embed import Embedder
@@ -304,7 +304,7 @@ def test_unmodelled_index_types_build_and_too_big_ones_are_refused_before_embedd
         report = build_index(small_run, gallery, tmp_path / factory, index_type=factory, embedder=embedder)
         assert report.factory == factory and report.total == 9 and report.memory_bytes is None
     embedded = []
-    monkeypatch.setattr(build, "embed_images", lambda *args, **kwargs: embedded.append(1))
+    monkeypatch.setattr(update, "embed_images", lambda *args, **kwargs: embedded.append(1))
     with pytest.raises(
         IndexTypeError, match="'IVF4096,Flat' needs at least 4096 images .* the gallery has 9"
     ):
@@ -550,7 +550,7 @@ def test_an_index_that_cannot_be_written_is_said_before_anything_is_embedded(
     shutil.copyfile(photos["cat"][5], gallery / "cat" / "new.jpg")
     runner = CliRunner()
     embedded = []
-    monkeypatch.setattr(build, "embed_images", lambda *a, **k: embedded.append(1) or iter(()))
+    monkeypatch.setattr(update, "embed_images", lambda *a, **k: embedded.append(1) or iter(()))
     for frozen, reason in (
         (index_dir, "the index folder cannot be written"),
         (index_dir.parent, "writer's lock"),
@@ -595,23 +595,23 @@ def test_a_file_edited_while_the_build_reads_it_keeps_no_vector_of_other_content
     edited, new = gallery / "cat" / photos["cat"][0].name, gallery / "cat" / "new.jpg"
     shutil.copyfile(photos["fish"][6], edited)  # edited before the build: to be embedded again
     shutil.copyfile(photos["cup"][6], new)
-    real = build.embed_images
+    real = update.embed_images
 
     def edit_then_embed(*args, **kwargs):  # the user saves both files again while the build runs
         shutil.copyfile(photos["fish"][7], edited)
         shutil.copyfile(photos["cup"][7], new)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(build, "embed_images", edit_then_embed)
+    monkeypatch.setattr(update, "embed_images", edit_then_embed)
     report = build_index(small_run, gallery, index_dir, embedder=embedder)
     assert dict(report.failed) == {
-        "cat/" + photos["cat"][0].name: build.CHANGED_DURING_BUILD,
-        "cat/new.jpg": build.CHANGED_DURING_BUILD,
+        "cat/" + photos["cat"][0].name: update.CHANGED_DURING_BUILD,
+        "cat/new.jpg": update.CHANGED_DURING_BUILD,
     }
     assert (report.added, report.updated) == (0, 0)
     entries = {e.path: e for e in GalleryIndex.load(index_dir).entries.values()}
     assert entries == old  # the edited file keeps its entry as it was indexed: hash and vector agree
-    monkeypatch.setattr(build, "embed_images", real)
+    monkeypatch.setattr(update, "embed_images", real)
     again = build_index(small_run, gallery, index_dir, embedder=embedder)
     assert (again.added, again.updated, again.failed) == (1, 1, [])
     index = GalleryIndex.load(index_dir)
