@@ -511,12 +511,21 @@ def remove_files(
             )
         report = update_store(target, store, [], report, None, None, gallery, 32, False, set(drop))
         if delete_files:  # only once the index no longer holds them: a failed commit deletes nothing
-            _delete(still_there, report)
+            _delete(still_there, gallery, report)
         return report
 
 
-def _delete(paths: list[Path], report: BuildReport) -> None:
+LINKED_FOLDER = "removed from the index, not deleted: it lies in a linked folder, outside the gallery"
+
+
+def _delete(paths: list[Path], gallery: Path, report: BuildReport) -> None:
+    """Delete removed files, as links where they are links; a file reached through a linked folder
+    lies elsewhere (another disk, another collection) and is left there, as a linked file's target is."""
+    real_gallery = gallery.resolve()
     for path in paths:
+        if not Path(os.path.realpath(path.parent)).is_relative_to(real_gallery):
+            report.failed.append((shown(path), LINKED_FOLDER))
+            continue
         try:
             path.unlink(missing_ok=True)
         except OSError as err:

@@ -534,6 +534,13 @@ def test_a_class_folder_linked_into_the_gallery_is_the_class(photos, small_run, 
     assert {e.path: e.label for e in GalleryIndex.load(index_dir).entries.values()}[
         "teapot/pot.jpg"
     ] == "teapot"
+    # --delete-files removes a linked folder's images from the index, and leaves the files where they
+    # really are (as it leaves a linked file's target): they are another folder's, not the gallery's.
+    removed = remove_files(index_dir, [gallery / "teapot"], delete_files=True)
+    assert removed.removed == 1 and removed.failed == [
+        (str(gallery / "teapot" / "pot.jpg"), build.LINKED_FOLDER)
+    ]
+    assert (tmp_path / "teapots" / "pot.jpg").is_file() and "teapot/pot.jpg" not in indexed(index_dir)
 
 
 def test_an_index_that_cannot_be_written_is_said_before_anything_is_embedded(
