@@ -51,6 +51,10 @@ def indexed(index_dir: Path) -> set[str]:
     return {entry.path for entry in GalleryIndex.load(index_dir).entries.values()}
 
 
+def ids_by_path(index_dir: Path) -> dict[str, int]:
+    return {entry.path: entry.id for entry in GalleryIndex.load(index_dir).entries.values()}
+
+
 def one_line_error(result) -> str:
     """The error line of a command that failed without a traceback (a progress bar may come first)."""
     lines = [line for line in result.output.strip().splitlines() if not line.startswith("Embedding")]
@@ -362,7 +366,7 @@ def test_a_damaged_index_is_rebuilt_keeping_the_ids_its_manifest_still_holds(
     index_dir = tmp_path / "index"
     build_index(small_run, gallery, index_dir, embedder=embedder, drawings=["nothing-yet"])
     remove_files(index_dir, [gallery / "fish"], delete_files=True)  # their ids are never given again
-    ids = {entry.path: entry.id for entry in GalleryIndex.load(index_dir).entries.values()}
+    ids = ids_by_path(index_dir)
     next_id = GalleryIndex.load(index_dir).meta["next_id"]
     assert next_id > max(ids.values()) + 1
     version = current_version(index_dir)
@@ -375,7 +379,7 @@ def test_a_damaged_index_is_rebuilt_keeping_the_ids_its_manifest_still_holds(
     report = build_index(small_run, gallery, index_dir, embedder=embedder)
     assert "the previous index cannot be used" in report.full_rebuild_reason
     assert f"the ids of {len(ids) - 1} files read from its manifest are kept" in report.full_rebuild_reason
-    rebuilt = {entry.path: entry.id for entry in GalleryIndex.load(index_dir).entries.values()}
+    rebuilt = ids_by_path(index_dir)
     assert {path: rebuilt[path] for path in ids if path != lost} == {
         p: i for p, i in ids.items() if p != lost
     }
@@ -486,12 +490,12 @@ def test_names_with_unicode_line_separators_load_and_keep_their_ids(photos, smal
     (gallery / "fish").rename(gallery / "fish\u2029tank")
     index_dir = tmp_path / "index"
     build_index(small_run, gallery, index_dir, embedder=embedder)
-    ids = {entry.path: entry.id for entry in GalleryIndex.load(index_dir).entries.values()}
+    ids = ids_by_path(index_dir)
     assert {"cat/line\u2028sep.jpg", "cup/trip\u0085 2019.jpg"} <= ids.keys() and len(ids) == 8
     assert sum(path.startswith("fish\u2029tank/") for path in ids) == 2
     again = build_index(small_run, gallery, index_dir, embedder=embedder)
     assert again.embedded == 0 and again.unchanged == 8 and not again.full_rebuild_reason
-    assert {entry.path: entry.id for entry in GalleryIndex.load(index_dir).entries.values()} == ids
+    assert ids_by_path(index_dir) == ids
 
 
 def test_a_running_engine_sees_an_index_deleted_and_built_again(photos, small_run, embedder, tmp_path):
@@ -517,14 +521,14 @@ def test_a_class_folder_linked_into_the_gallery_is_the_class(photos, small_run, 
     gallery = make_gallery(tmp_path / "gallery", photos)
     index_dir = tmp_path / "index"
     build_index(small_run, gallery, index_dir, embedder=embedder)
-    before = {entry.path: entry.id for entry in GalleryIndex.load(index_dir).entries.values()}
+    before = ids_by_path(index_dir)
     (gallery / "cat").rename(tmp_path / "cat-elsewhere")
     (gallery / "cat").symlink_to(tmp_path / "cat-elsewhere", target_is_directory=True)
     (gallery / "cup" / "again").symlink_to(tmp_path / "cat-elsewhere", target_is_directory=True)
     (gallery / "fish" / "loop").symlink_to("..", target_is_directory=True)
     report = build_index(small_run, gallery, index_dir, embedder=embedder)
     assert (report.removed, report.added, report.unchanged) == (0, 0, len(before)), report.summary()
-    assert {entry.path: entry.id for entry in GalleryIndex.load(index_dir).entries.values()} == before
+    assert ids_by_path(index_dir) == before
 
     (tmp_path / "teapots").mkdir()
     shutil.copyfile(photos["cup"][4], tmp_path / "teapots" / "pot.jpg")
